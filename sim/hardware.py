@@ -1,0 +1,227 @@
+"""Hardware profiles: how fast a machine moves expert bytes and computes a layer.
+
+A profile is a TOML file (schema in ARCHITECTURE.md): the link that brings experts into fast memory
+(latency + bytes / bandwidth, per copy engine), a roofline model of the device's compute, dequantisation
+throughput, and the CPU (predictor latency, CPU execution of missed experts). Shipped profiles live in
+`sim/profiles/`; `load_profile` takes a shipped name or a path. Units: seconds, bytes, FLOPs. Only this
+module reads the file, so only it knows the TOML layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from traces.atomic import atomic_output
+from traces.errors import UserError
+
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+
+
+@dataclass(frozen=True)
+class LinkModel:
+    """The path experts take into fast memory (PCIe host->GPU, or SSD->RAM)."""
+
+    bandwidth_bytes_per_s: float
+    """Sustained bandwidth of one copy engine."""
+    latency_s: float
+    """Fixed cost of one transfer."""
+    copy_engines: int
+    """Transfers that may run at once, each at the full per-engine bandwidth."""
+
+    def transfer_s(self, nbytes: int) -> float:
+        """Seconds one transfer of `nbytes` occupies a copy engine."""
+        return self.latency_s + nbytes / self.bandwidth_bytes_per_s
+
+
+@dataclass(frozen=True)
+class RooflineModel:
+    """Compute time of a kernel: launch + max(flops / peak FLOP/s, bytes / memory bandwidth)."""
+
+    matmul_flops_per_s: float
+    memory_bytes_per_s: float
+    kernel_launch_s: float
+
+    def op_s(self, flops: float, nbytes: float) -> float:
+        """Seconds for an operation of `flops` FLOPs that reads `nbytes` bytes."""
+        return self.kernel_launch_s + max(flops / self.matmul_flops_per_s, nbytes / self.memory_bytes_per_s)
+
+
+@dataclass(frozen=True)
+class DequantModel:
+    """Dequantisation throughput in fast memory, in bytes of bf16 output per second."""
+
+    int8_bytes_per_s: float
+    int4_bytes_per_s: float
+    int2_bytes_per_s: float
+
+    def dequant_s(self, precision: str, output_bytes: int) -> float:
+        """Seconds to dequantise an expert of `output_bytes` bf16 bytes from `precision` (0 for bf16)."""
+        if precision == "bf16":
+            return 0.0
+        return output_bytes / getattr(self, f"{precision}_bytes_per_s")
+
+
+@dataclass(frozen=True)
+class CpuModel:
+    """The host CPU: the predictor thread and CPU execution of routed experts."""
+
+    compute: RooflineModel
+    predictor_latency_s: float
+    """Seconds for the CPU-side predictor to turn a gate input into prefetch decisions."""
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """One machine, as the simulator sees it."""
+
+    name: str
+    description: str
+    provenance: str
+    device_kind: str
+    """"cuda" (experts stream over PCIe into GPU memory) or "cpu" (from SSD into a RAM cache)."""
+    memory_bytes: int
+    """Fast memory of the device."""
+    link: LinkModel
+    gpu: RooflineModel
+    layer_overhead_s: float
+    """Fixed per-layer cost on the compute stream (norms, residual adds, router)."""
+    dequant: DequantModel
+    cpu: CpuModel
+    source_path: str = ""
+
+    def with_link_bandwidth(self, bandwidth_bytes_per_s: float) -> HardwareProfile:
+        """The same machine with another link bandwidth (for what-if sweeps)."""
+        link = dataclasses.replace(self.link, bandwidth_bytes_per_s=float(bandwidth_bytes_per_s))
+        return dataclasses.replace(self, link=link, name=f"{self.name}@{bandwidth_bytes_per_s / 1e9:g}GB/s")
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        """The profile in the TOML schema of ARCHITECTURE.md."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "provenance": self.provenance,
+            "device": {"kind": self.device_kind, "memory_bytes": self.memory_bytes},
+            "link": {
+                "bandwidth_bytes_per_s": self.link.bandwidth_bytes_per_s,
+                "latency_s": self.link.latency_s,
+                "copy_engines": self.link.copy_engines,
+            },
+            "gpu": {
+                "matmul_flops_per_s": self.gpu.matmul_flops_per_s,
+                "memory_bytes_per_s": self.gpu.memory_bytes_per_s,
+                "kernel_launch_s": self.gpu.kernel_launch_s,
+                "layer_overhead_s": self.layer_overhead_s,
+            },
+            "dequant": {
+                "int8_bytes_per_s": self.dequant.int8_bytes_per_s,
+                "int4_bytes_per_s": self.dequant.int4_bytes_per_s,
+                "int2_bytes_per_s": self.dequant.int2_bytes_per_s,
+            },
+            "cpu": {
+                "matmul_flops_per_s": self.cpu.compute.matmul_flops_per_s,
+                "memory_bytes_per_s": self.cpu.compute.memory_bytes_per_s,
+                "kernel_launch_s": self.cpu.compute.kernel_launch_s,
+                "predictor_latency_s": self.cpu.predictor_latency_s,
+            },
+        }
+
+
+class _Reader:
+    """Reads typed, positive values out of a parsed TOML table, naming the file and key on error."""
+
+    def __init__(self, data: dict[str, Any], source: str) -> None:
+        self.data = data
+        self.source = source
+
+    def get(self, section: str | None, key: str, kind: type, *, default: Any = None, positive: bool = True) -> Any:
+        table = self.data if section is None else self.data.get(section)
+        where = key if section is None else f"[{section}] {key}"
+        if not isinstance(table, dict):
+            raise UserError(f"profile {self.source} lacks the [{section}] table")
+        if key not in table:
+            if default is not None:
+                return default
+            raise UserError(f"profile {self.source} lacks {where}")
+        value = table[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise UserError(f"profile {self.source}: {where} must be a {kind.__name__}, not {value!r}")
+        if positive and kind in (int, float) and value <= 0:
+            raise UserError(f"profile {self.source}: {where} must be > 0, not {value!r}")
+        return value
+
+
+def profile_from_dict(data: dict[str, Any], source: str = "<dict>") -> HardwareProfile:
+    """Build and validate a profile from its TOML tables."""
+    r = _Reader(data, source)
+    kind = r.get("device", "kind", str)
+    if kind not in ("cuda", "cpu"):
+        raise UserError(f"profile {source}: [device] kind must be \"cuda\" or \"cpu\", not {kind!r}")
+    return HardwareProfile(
+        name=r.get(None, "name", str),
+        description=r.get(None, "description", str, default=""),
+        provenance=r.get(None, "provenance", str),
+        device_kind=kind,
+        memory_bytes=r.get("device", "memory_bytes", int),
+        link=LinkModel(
+            bandwidth_bytes_per_s=r.get("link", "bandwidth_bytes_per_s", float),
+            latency_s=r.get("link", "latency_s", float, positive=False),
+            copy_engines=r.get("link", "copy_engines", int),
+        ),
+        gpu=RooflineModel(
+            matmul_flops_per_s=r.get("gpu", "matmul_flops_per_s", float),
+            memory_bytes_per_s=r.get("gpu", "memory_bytes_per_s", float),
+            kernel_launch_s=r.get("gpu", "kernel_launch_s", float, positive=False),
+        ),
+        layer_overhead_s=r.get("gpu", "layer_overhead_s", float, positive=False),
+        dequant=DequantModel(
+            int8_bytes_per_s=r.get("dequant", "int8_bytes_per_s", float),
+            int4_bytes_per_s=r.get("dequant", "int4_bytes_per_s", float),
+            int2_bytes_per_s=r.get("dequant", "int2_bytes_per_s", float),
+        ),
+        cpu=CpuModel(
+            compute=RooflineModel(
+                matmul_flops_per_s=r.get("cpu", "matmul_flops_per_s", float),
+                memory_bytes_per_s=r.get("cpu", "memory_bytes_per_s", float),
+                kernel_launch_s=r.get("cpu", "kernel_launch_s", float, default=0.0, positive=False),
+            ),
+            predictor_latency_s=r.get("cpu", "predictor_latency_s", float, positive=False),
+        ),
+        source_path=source,
+    )
+
+
+def list_profiles() -> list[str]:
+    """Names of the shipped profiles."""
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
+
+
+def load_profile(name_or_path: str | Path) -> HardwareProfile:
+    """A shipped profile by name, or a profile TOML file by path."""
+    path = Path(name_or_path)
+    if not path.suffix == ".toml" or not path.exists():
+        shipped = PROFILES_DIR / f"{name_or_path}.toml"
+        if not shipped.exists():
+            if path.suffix == ".toml":
+                raise UserError(f"no profile file at {path}")
+            raise UserError(f"unknown hardware profile {str(name_or_path)!r}; choose one of "
+                            f"{', '.join(list_profiles())} or give a .toml file")
+        path = shipped
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"profile {path} is not valid TOML: {error}") from None
+    return profile_from_dict(data, source=str(path))
+
+
+def write_profile(profile: HardwareProfile, path: str | Path) -> None:
+    """Write `profile` as TOML, atomically."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(tomli_w.dumps(profile.to_toml_dict()))
