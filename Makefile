@@ -1,8 +1,12 @@
-# fatesim — every target installs what it needs into .venv first.
+# fatesim — every target installs what it needs into .venv first (torch's CPU build before anything else).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+FATESIM := $(BIN)/fatesim
+TRACES := traces/data
+PROMPTS := traces/prompts/default.jsonl
+MAX_NEW_TOKENS ?= 32
 export PYTHONHASHSEED := 0
 
 .PHONY: install demo test lint trace models bench bench-real calibrate validate clean
@@ -22,3 +26,15 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check sim traces realrun calibration tests
+
+$(TRACES)/%.safetensors: $(STAMP) $(PROMPTS) traces/models/%/model.safetensors
+	mkdir -p $(TRACES)
+	$(FATESIM) trace record --model $* --prompts $(PROMPTS) --out $@ --max-new-tokens $(MAX_NEW_TOKENS) --lookahead 2
+
+trace: $(TRACES)/mini-qwen-moe.safetensors $(TRACES)/mini-deepseek-moe.safetensors
+
+models: $(STAMP)
+	$(BIN)/python -m traces.train_models --model all
+
+clean:
+	rm -rf $(TRACES) .pytest_cache .ruff_cache
