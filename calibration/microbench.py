@@ -1,0 +1,377 @@
+"""Microbenchmarks of one machine: what the hardware-profile models are fitted to.
+
+Each benchmark times one operation the simulator charges for, with the shapes of a real model
+(`sim.modelspec.ModelSpec`), repeats it and keeps the median. Every result is a `Point`: the swept
+quantity, the FLOPs and bytes *as the simulator counts them* (from the model spec, so a fitted rate is
+the effective rate the simulator should use, whatever dtype the kernel really runs in) and the seconds.
+
+Benchmarks, by `Point.kind`:
+- `link`: one expert transfer of `nbytes`. Disk store: an O_DIRECT `preadv` from a file into a
+  page-aligned buffer at a random aligned offset (the page cache never serves it). RAM store: a
+  `torch` copy from a pool larger than the last-level cache. CUDA: a pinned host -> device copy.
+- `expert`: one routed expert (SwiGLU: gate, up, down) on `x` tokens, on the compute device.
+- `cpu_expert`: the same on the CPU (what CPU execution of a miss costs).
+- `mlp`: the shared experts of one layer (a SwiGLU of the shared intermediate size) on `x` tokens.
+- `attention`: one layer's attention (projections + SDPA over a KV cache) for `x` new tokens
+  attending to `context` positions.
+- `dequant_<precision>`: unpacking one expert from `<precision>` to the compute dtype; `nbytes` is the
+  bf16 output size (the profile's dequantisation rate is in bytes of bf16 output per second).
+- `layer`: the fixed per-layer work of one decode token: two RMSNorms, two residual adds, the router
+  matmul, softmax and top-k.
+- `predictor`: the cross-layer predictor's decision for one token: the next layer's router applied to
+  the current gate input, softmax, top-k (on the CPU, as realrun runs it).
+
+Time is taken with `time.perf_counter` around the operation; on CUDA the device is synchronised before
+each clock read (an honest wall time, as gpt-fast's `device_sync`).
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sim.modelspec import ModelSpec
+from traces.errors import UserError
+
+ALIGN_BYTES = 4096
+"""O_DIRECT needs offsets, sizes and buffers aligned to the logical block size; 4 KiB covers every disk."""
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measured configuration: the median of `samples` seconds."""
+
+    kind: str
+    x: float
+    """The swept quantity: bytes for link and dequant, tokens for compute."""
+    flops: float
+    """FLOPs of the operation, as `ModelSpec` counts them (0 for transfers)."""
+    nbytes: float
+    """Bytes of the operation as the simulator counts them: transferred, or weights + KV cache read."""
+    seconds: float
+    """Median wall time of one operation, in seconds."""
+    samples: tuple[float, ...]
+    context: int = 0
+    """Attention only: positions attended to."""
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """What to measure and how often."""
+
+    device: str
+    """"cpu" or "cuda"."""
+    store: str
+    """"disk" or "ram": where the offloaded experts live."""
+    link_sizes_bytes: tuple[int, ...]
+    expert_tokens: tuple[int, ...]
+    mlp_tokens: tuple[int, ...]
+    attention_points: tuple[tuple[int, int], ...]
+    """(new tokens, context) pairs."""
+    dequant_precisions: tuple[str, ...]
+    repeats: int
+    min_seconds: float
+    """Keep repeating (beyond `repeats`) until this much time was spent on a point, in seconds."""
+    compute_dtype: torch.dtype
+    scratch_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
+
+
+def default_plan(device: str, store: str, *, quick: bool, compute_dtype: torch.dtype,
+                 scratch_dir: Path | None = None) -> BenchPlan:
+    """The full (about five minutes on 2 cores) or quick (seconds) set of measurements."""
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device must be cpu or cuda, not {device!r}")
+    if store not in ("disk", "ram"):
+        raise UserError(f"--store must be disk or ram, not {store!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but torch sees no CUDA GPU; use --device cpu")
+    if device == "cuda" and store == "disk":
+        raise UserError("--device cuda measures pinned host->GPU copies; use --store ram with it")
+    if quick:
+        sizes = tuple(1 << p for p in (16, 20, 22, 24))
+        plan = dict(expert_tokens=(1, 8, 64), mlp_tokens=(1, 64), attention_points=((1, 128), (64, 64)),
+                    repeats=2, min_seconds=0.0, dequant_precisions=("int8", "int4", "int2"))
+    else:
+        # 64 KiB .. 64 MiB, three points per octave so the fit sees the latency knee.
+        sizes = geometric_sizes(64 << 10, 64 << 20, 3)
+        plan = dict(
+            expert_tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            mlp_tokens=(1, 4, 16, 64, 256),
+            attention_points=((1, 64), (1, 256), (1, 1024), (1, 4096), (16, 16), (64, 64), (256, 256), (512, 512)),
+            repeats=7, min_seconds=0.15, dequant_precisions=("int8", "int4", "int2"),
+        )
+    return BenchPlan(device=device, store=store, link_sizes_bytes=sizes, compute_dtype=compute_dtype,
+                     scratch_dir=scratch_dir or Path(tempfile.gettempdir()), **plan)
+
+
+def _align(nbytes: int) -> int:
+    return max(ALIGN_BYTES, (nbytes + ALIGN_BYTES - 1) // ALIGN_BYTES * ALIGN_BYTES)
+
+
+def time_op(op: Callable[[], object], *, repeats: int, min_seconds: float, device: str,
+            warmup: int = 1) -> tuple[float, tuple[float, ...]]:
+    """Median seconds of `op()` over at least `repeats` runs (and `min_seconds` in total), after warm-up."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        op()
+    sync()
+    samples: list[float] = []
+    spent = 0.0
+    while len(samples) < repeats or (spent < min_seconds and len(samples) < 200):
+        start = time.perf_counter()
+        op()
+        sync()
+        elapsed = time.perf_counter() - start
+        samples.append(elapsed)
+        spent += elapsed
+    return statistics.median(samples), tuple(samples)
+
+
+# --- link -----------------------------------------------------------------------------------------
+
+class DiskReader:
+    """O_DIRECT reads of aligned extents of a scratch file: what realrun's disk tier does per expert."""
+
+    def __init__(self, path: Path, file_bytes: int, max_read_bytes: int, rng: np.random.Generator):
+        self.path = path
+        self.file_bytes = _align(file_bytes)
+        self.rng = rng
+        self.buffer = mmap.mmap(-1, _align(max_read_bytes))  # anonymous mmap: page-aligned
+        self.fd = -1
+
+    def open(self) -> None:
+        """Write the scratch file (random bytes, so no compression or zero-page tricks) and open it O_DIRECT."""
+        chunk = np.random.default_rng(1).integers(0, 256, size=8 << 20, dtype=np.uint8).tobytes()
+        with open(self.path, "wb") as out:
+            written = 0
+            while written < self.file_bytes:
+                n = min(len(chunk), self.file_bytes - written)
+                out.write(chunk[:n])
+                written += n
+            out.flush()
+            os.fsync(out.fileno())
+        if not hasattr(os, "O_DIRECT"):
+            raise UserError("this platform has no O_DIRECT; use --store ram")
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+        except OSError as error:
+            raise UserError(f"cannot open {self.path} with O_DIRECT ({error.strerror}); "
+                            "pass --scratch DIR on a disk file system (not tmpfs)") from None
+
+    def read(self, nbytes: int) -> None:
+        offset = int(self.rng.integers(0, (self.file_bytes - nbytes) // ALIGN_BYTES + 1)) * ALIGN_BYTES
+        view = memoryview(self.buffer)[:nbytes]
+        got = os.preadv(self.fd, [view], offset)
+        if got != nbytes:
+            raise OSError(f"short O_DIRECT read: {got} of {nbytes} bytes")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.buffer.close()
+        self.path.unlink(missing_ok=True)
+
+
+def bench_link(plan: BenchPlan, rng: np.random.Generator) -> Iterator[Point]:
+    """Time one transfer per size: disk O_DIRECT reads, RAM copies, or pinned H2D copies."""
+    largest = max(plan.link_sizes_bytes)
+    pool_bytes = max(4 * largest, 256 << 20)
+    if plan.store == "disk":
+        fd, name = tempfile.mkstemp(prefix="fatesim-calib-", suffix=".bin", dir=plan.scratch_dir)
+        os.close(fd)
+        reader = DiskReader(Path(name), pool_bytes, largest, rng)
+        try:
+            reader.open()
+            for size in plan.link_sizes_bytes:
+                median, samples = time_op(lambda s=size: reader.read(s), repeats=plan.repeats,
+                                          min_seconds=plan.min_seconds, device="cpu")
+                yield Point("link", size, 0.0, size, median, samples)
+        finally:
+            reader.close()
+        return
+    pin = plan.device == "cuda"
+    pool = torch.empty(pool_bytes, dtype=torch.uint8, pin_memory=pin)
+    pool.random_(0, 256, generator=torch.Generator().manual_seed(1))
+    dst = torch.empty(largest, dtype=torch.uint8, device=plan.device)
+    for size in plan.link_sizes_bytes:
+        def copy(s: int = size) -> None:
+            offset = int(rng.integers(0, (pool_bytes - s) // ALIGN_BYTES + 1)) * ALIGN_BYTES
+            dst[:s].copy_(pool[offset:offset + s], non_blocking=pin)
+        median, samples = time_op(copy, repeats=plan.repeats, min_seconds=plan.min_seconds, device=plan.device)
+        yield Point("link", size, 0.0, size, median, samples)
+
+
+# --- compute --------------------------------------------------------------------------------------
+
+def _swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """SwiGLU with fused gate|up weights [2I, H] (transformers' and realrun's layout) and down [H, I]."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
+
+
+def _weights(rows: int, cols: int, dtype: torch.dtype, device: str, gen: torch.Generator) -> torch.Tensor:
+    return (torch.randn(rows, cols, generator=gen) * 0.02).to(dtype=dtype, device=device)
+
+
+def bench_experts(plan: BenchPlan, spec: ModelSpec, device: str, kind: str) -> Iterator[Point]:
+    """Routed-expert SwiGLU against tokens per expert, with the spec's hidden and intermediate sizes."""
+    gen = torch.Generator().manual_seed(2)
+    h, i = spec.hidden_size, spec.expert_intermediate_size
+    gate_up = _weights(2 * i, h, plan.compute_dtype, device, gen)
+    down = _weights(h, i, plan.compute_dtype, device, gen)
+    for tokens in plan.expert_tokens:
+        x = torch.randn(tokens, h, generator=gen).to(plan.compute_dtype).to(device)
+        median, samples = time_op(lambda x=x: _swiglu(x, gate_up, down), repeats=plan.repeats,
+                                  min_seconds=plan.min_seconds, device=device)
+        yield Point(kind, tokens, spec.expert_flops(tokens), spec.expert_bytes("bf16"), median, samples)
+
+
+def bench_shared_mlp(plan: BenchPlan, spec: ModelSpec) -> Iterator[Point]:
+    """The shared experts (or, without any, a dense MLP) of one layer against tokens."""
+    gen = torch.Generator().manual_seed(3)
+    h = spec.hidden_size
+    inter = spec.shared_expert_intermediate_size or spec.dense_intermediate_size
+    gate_up = _weights(2 * inter, h, plan.compute_dtype, plan.device, gen)
+    down = _weights(h, inter, plan.compute_dtype, plan.device, gen)
+    params = 3 * h * inter
+    for tokens in plan.mlp_tokens:
+        x = torch.randn(tokens, h, generator=gen).to(plan.compute_dtype).to(plan.device)
+        median, samples = time_op(lambda x=x: _swiglu(x, gate_up, down), repeats=plan.repeats,
+                                  min_seconds=plan.min_seconds, device=plan.device)
+        yield Point("mlp", tokens, 2.0 * params * tokens, params * spec.weight_bytes, median, samples)
+
+
+def bench_attention(plan: BenchPlan, spec: ModelSpec) -> Iterator[Point]:
+    """One layer's attention: q/k/v/o projections and SDPA over a KV cache of `context` positions."""
+    gen = torch.Generator().manual_seed(4)
+    dt, dev = plan.compute_dtype, plan.device
+    h, heads, kv_heads, hd = spec.hidden_size, spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
+    wq = _weights(heads * hd, h, dt, dev, gen)
+    wkv = _weights(2 * kv_heads * hd, h, dt, dev, gen)
+    wo = _weights(h, heads * hd, dt, dev, gen)
+    for tokens, context in plan.attention_points:
+        past = max(0, context - tokens)
+        k_cache = torch.randn(1, kv_heads, past, hd, generator=gen).to(dt).to(dev)
+        v_cache = torch.randn(1, kv_heads, past, hd, generator=gen).to(dt).to(dev)
+        x = torch.randn(tokens, h, generator=gen).to(dt).to(dev)
+
+        def attend(x: torch.Tensor = x, k_cache: torch.Tensor = k_cache, v_cache: torch.Tensor = v_cache,
+                   tokens: int = tokens) -> torch.Tensor:
+            q = F.linear(x, wq).view(tokens, heads, hd).transpose(0, 1).unsqueeze(0)
+            k, v = F.linear(x, wkv).view(tokens, 2, kv_heads, hd).permute(1, 2, 0, 3).unsqueeze(1)
+            k = torch.cat([k_cache, k], dim=2)
+            v = torch.cat([v_cache, v], dim=2)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=tokens > 1,
+                                                 enable_gqa=kv_heads != heads)
+            return F.linear(out.squeeze(0).transpose(0, 1).reshape(tokens, heads * hd), wo)
+
+        median, samples = time_op(attend, repeats=plan.repeats, min_seconds=plan.min_seconds, device=dev)
+        yield Point("attention", tokens, spec.attention_flops(tokens, context), spec.attention_bytes(context),
+                    median, samples, context=context)
+
+
+def bench_layer_overhead(plan: BenchPlan, spec: ModelSpec) -> Point:
+    """Fixed per-layer work of one decode token: 2 RMSNorms, 2 residual adds, router, softmax, top-k."""
+    gen = torch.Generator().manual_seed(5)
+    dt, dev, h = plan.compute_dtype, plan.device, spec.hidden_size
+    x = torch.randn(1, h, generator=gen).to(dt).to(dev)
+    residual = torch.randn(1, h, generator=gen).to(dt).to(dev)
+    norm_w = torch.ones(h, dtype=dt, device=dev)
+    router = _weights(spec.num_experts, h, dt, dev, gen)
+
+    def layer() -> torch.Tensor:
+        a = F.rms_norm(x, (h,), norm_w) + residual
+        b = F.rms_norm(a, (h,), norm_w)
+        probs = torch.softmax(F.linear(b, router).float(), dim=-1)
+        weights, ids = torch.topk(probs, spec.top_k, dim=-1)
+        return a + b * weights.sum().to(dt) + ids.numel()
+
+    median, samples = time_op(layer, repeats=max(plan.repeats, 20), min_seconds=plan.min_seconds, device=dev)
+    return Point("layer", 1, spec.router_flops(1), spec.router_params * spec.weight_bytes, median, samples)
+
+
+def bench_predictor(plan: BenchPlan, spec: ModelSpec) -> Point:
+    """The cross-layer predictor for one token on the CPU: next layer's router, softmax, top-k."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(1, spec.hidden_size, generator=gen)
+    router = _weights(spec.num_experts, spec.hidden_size, torch.float32, "cpu", gen)
+
+    def predict() -> list[int]:
+        probs = torch.softmax(F.linear(x, router), dim=-1)
+        return torch.topk(probs, spec.top_k, dim=-1).indices[0].tolist()
+
+    median, samples = time_op(predict, repeats=max(plan.repeats, 50), min_seconds=plan.min_seconds, device="cpu")
+    return Point("predictor", 1, spec.router_flops(1), spec.router_params * 4, median, samples)
+
+
+# --- dequantisation -------------------------------------------------------------------------------
+
+def bench_dequant(plan: BenchPlan, spec: ModelSpec, precision: str) -> Point:
+    """Unpack one routed expert from `precision` with realrun's own codec (no second quantiser)."""
+    from realrun.quant import Dequantizer, expert_layout, pack_expert
+
+    gen = torch.Generator().manual_seed(7)
+    layout = expert_layout(spec, precision)
+    h, i = spec.hidden_size, spec.expert_intermediate_size
+    weights = {"gate": _weights(i, h, torch.float32, "cpu", gen), "up": _weights(i, h, torch.float32, "cpu", gen),
+               "down": _weights(h, i, torch.float32, "cpu", gen)}
+    record = pack_expert(weights, layout, optimize=False).to(plan.device)  # codes only: quality is irrelevant
+    dequantizer = Dequantizer(layout, device=plan.device)
+    median, samples = time_op(lambda: dequantizer.unpack_into(record), repeats=plan.repeats,
+                              min_seconds=plan.min_seconds, device=plan.device)
+    out_bytes = spec.expert_params * 2  # bf16 output bytes, the profile's unit
+    return Point(f"dequant_{precision}", out_bytes, 0.0, out_bytes, median, samples)
+
+
+def count_steps(plan: BenchPlan) -> int:
+    """Number of progress-bar steps `run_all` reports."""
+    compute = len(plan.expert_tokens) * (2 if plan.device == "cuda" else 1)
+    return (len(plan.link_sizes_bytes) + compute + len(plan.mlp_tokens) + len(plan.attention_points)
+            + len(plan.dequant_precisions) + 2)
+
+
+def run_all(plan: BenchPlan, spec: ModelSpec, progress: Callable[[str], None] = lambda _: None,
+            seed: int = 0) -> list[Point]:
+    """Every benchmark of `plan`, calling `progress(label)` after each point."""
+    rng = np.random.default_rng(seed)
+    points: list[Point] = []
+
+    def add(point: Point) -> None:
+        points.append(point)
+        progress(f"{point.kind} {point.x:g}")
+
+    with torch.inference_mode():
+        for point in bench_link(plan, rng):
+            add(point)
+        for point in bench_experts(plan, spec, plan.device, "expert"):
+            add(point)
+        if plan.device == "cuda":
+            for point in bench_experts(plan, spec, "cpu", "cpu_expert"):
+                add(point)
+        for point in bench_shared_mlp(plan, spec):
+            add(point)
+        for point in bench_attention(plan, spec):
+            add(point)
+        add(bench_layer_overhead(plan, spec))
+        add(bench_predictor(plan, spec))
+        for precision in plan.dequant_precisions:
+            add(bench_dequant(plan, spec, precision))
+    return points
+
+
+def geometric_sizes(low_bytes: int, high_bytes: int, per_octave: int) -> tuple[int, ...]:
+    """Aligned sizes from `low_bytes` to `high_bytes`, `per_octave` per doubling."""
+    steps = int(round(math.log2(high_bytes / low_bytes) * per_octave))
+    return tuple(sorted({_align(int(low_bytes * 2 ** (s / per_octave))) for s in range(steps + 1)}))
