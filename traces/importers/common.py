@@ -74,6 +74,14 @@ def resolve_model(spec_name: str | None, default_name: str, *, logged_layers: Se
     return name, dataclasses.replace(cfg, moe_layer_indices=tuple(sorted(logged_layers)))
 
 
+def trace_model_name(name: str, cfg: TraceModelConfig, routed_by: str) -> str:
+    """The trace's `model`: the spec name (sim's `ModelSpec.from_trace` then uses that built-in spec) when
+    every MoE layer of the spec was logged, else the source model's id (sim then approximates the model
+    from model_config, whose moe_layer_indices list only the logged layers)."""
+    full = KNOWN_MODELS[name].config.moe_layer_indices
+    return name if tuple(cfg.moe_layer_indices) == tuple(full) else routed_by
+
+
 def layer_coverage_note(name: str, cfg: TraceModelConfig) -> list[str]:
     """An assumption line when only some of the model's MoE layers were logged."""
     full = KNOWN_MODELS[name].config.moe_layer_indices

@@ -25,6 +25,7 @@ from traces.importers.common import (
     layer_coverage_note,
     prompt_tokens_note,
     resolve_model,
+    trace_model_name,
 )
 
 SOURCE_MODEL = "deepseek-ai/ESFT-vanilla-lite"
@@ -108,6 +109,6 @@ def import_esft(sources: list[Path], *, model_spec: str | None = None, prompt_to
     assumptions += layer_coverage_note(name, cfg)
     source = {"kind": "imported", "format": "esft", "files": [str(s) for s in sources], "inputs": inputs,
               "routed_by": SOURCE_MODEL, "model_spec": name, "assumptions": assumptions}
-    model = KNOWN_MODELS[name].hf_id if model_spec else SOURCE_MODEL
+    model = trace_model_name(name, cfg, SOURCE_MODEL)
     return assemble(seqs, model=model, model_config=cfg, source=source,
                     prompt_tokens=prompt_tokens)

@@ -36,6 +36,7 @@ from traces.importers.common import (
     prompt_tokens_note,
     read_jsonl,
     resolve_model,
+    trace_model_name,
 )
 
 SOURCE_MODEL = "neuralmagic/Mixtral-8x7B-Instruct-v0.1-FP8"
@@ -189,5 +190,5 @@ def import_mixtral_jsonl(sources: list[Path], *, model_spec: str | None = None,
     source = {"kind": "imported", "format": "mixtral-jsonl", "files": [str(p) for p, _, _ in parsed],
               "inputs": [{"path": str(p), "sha256": file_sha256(p)} for p, _, _ in parsed],
               "routed_by": SOURCE_MODEL, "model_spec": name, "sequences": origins, "assumptions": assumptions}
-    model = KNOWN_MODELS[name].hf_id if model_spec else SOURCE_MODEL
+    model = trace_model_name(name, cfg, SOURCE_MODEL)
     return assemble(seqs, model=model, model_config=cfg, source=source, prompt_tokens=prompt_tokens)

@@ -41,6 +41,7 @@ from traces.importers.common import (
     prompt_tokens_note,
     read_jsonl,
     resolve_model,
+    trace_model_name,
 )
 
 DEFAULT_SPEC = "qwen1.5-moe-a2.7b"
@@ -186,6 +187,6 @@ def import_vllm_jsonl(sources: list[Path], *, model_spec: str | None = None,
                                              "decode_rows": step_rows[n_prefill:]},
         "assumptions": assumptions,
     }
-    model = KNOWN_MODELS[name].hf_id if model_spec else source["routed_by"]
+    model = trace_model_name(name, cfg, source["routed_by"])
     return assemble(seqs, model=model, model_config=cfg, source=source,
                     prompt_tokens=prompt_tokens)
