@@ -1,0 +1,68 @@
+"""Durations of the work the engine schedules, from a model spec and a hardware profile.
+
+The one place compute and transfer times are derived (the engine, the controller's Fate prefetch count
+and the analyses all ask here). Compute follows the profile's roofline, per kernel:
+`launch + max(flops / FLOP/s, bytes / memory bandwidth)`; a quantised expert also pays its dequantisation
+(bf16 output bytes / dequant throughput) each time it runs. Results are memoised per (tokens, precision).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from sim.hardware import HardwareProfile
+from sim.modelspec import ModelSpec
+
+
+class CostModel:
+    """Seconds for each piece of one forward step of `spec` on `hw`."""
+
+    def __init__(self, spec: ModelSpec, hw: HardwareProfile) -> None:
+        self.spec = spec
+        self.hw = hw
+        self.expert_bf16_bytes = spec.expert_bytes("bf16")
+        """Bytes one routed expert's bf16 weights occupy when it runs (after any dequantisation)."""
+        self.expert_s = lru_cache(maxsize=None)(self._expert_s)
+        self.cpu_expert_s = lru_cache(maxsize=None)(self._cpu_expert_s)
+        self.transfer_s = lru_cache(maxsize=None)(self._transfer_s)
+
+    def _expert_s(self, tokens: int, precision: str) -> float:
+        """GPU time of one routed expert on `tokens` tokens, stored in `precision`."""
+        gpu = self.hw.gpu
+        run = gpu.op_s(self.spec.expert_flops(tokens), self.expert_bf16_bytes)
+        return run + self.hw.dequant.dequant_s(precision, self.expert_bf16_bytes)
+
+    def _cpu_expert_s(self, tokens: int) -> float:
+        """CPU time of one routed expert on `tokens` tokens, reading its bf16 weights from host memory."""
+        return self.hw.cpu.compute.op_s(self.spec.expert_flops(tokens), self.expert_bf16_bytes)
+
+    def _transfer_s(self, nbytes: int) -> float:
+        """Copy-engine time of one transfer of `nbytes`."""
+        return self.hw.link.transfer_s(nbytes)
+
+    def attention_s(self, tokens: int, context: int) -> float:
+        """Per MoE layer, before its experts: layer overhead, attention with KV of `context`, router.
+
+        Dense (non-MoE) decoder layers are spread evenly over the MoE layers' attention segments.
+        """
+        spec, gpu = self.spec, self.hw.gpu
+        attn = gpu.op_s(spec.attention_flops(tokens, context), spec.attention_bytes(context))
+        router = gpu.op_s(spec.router_flops(tokens), spec.router_params * spec.weight_bytes)
+        dense = 0.0
+        if spec.num_dense_layers:
+            per_dense = (self.hw.layer_overhead_s + attn
+                         + gpu.op_s(spec.dense_mlp_flops(tokens), spec.dense_mlp_params * spec.weight_bytes))
+            dense = per_dense * spec.num_dense_layers / spec.num_moe_layers
+        return self.hw.layer_overhead_s + attn + router + dense
+
+    def shared_s(self, tokens: int) -> float:
+        """Shared experts of one MoE layer (0 if the model has none)."""
+        spec = self.spec
+        if not spec.shared_expert_intermediate_size:
+            return 0.0
+        return self.hw.gpu.op_s(spec.shared_expert_flops(tokens), spec.shared_expert_params * spec.weight_bytes)
+
+    def decode_layer_s(self, precision: str = "int4", context: int = 256) -> float:
+        """Compute time of one decode MoE layer with all top-k experts resident (Fate's "layer time")."""
+        return (self.attention_s(1, context) + self.spec.top_k * self.expert_s(1, precision)
+                + self.shared_s(1))

@@ -1,0 +1,356 @@
+"""OffloadController: every offloading decision, for the simulator and the real engine alike.
+
+The controller owns the per-layer expert caches (which expert sits in which slot, in which precision,
+whether its bytes have landed) and composes the six policy families of a `PolicyConfig`. An engine owns
+time (sim) or real bytes (realrun) and drives the controller in this order for every forward step (one
+prefill chunk of a sequence, or one decode token):
+
+    ctl.start_forward(step, phase, num_tokens)
+    for each MoE layer l:
+        prefetches = ctl.on_gate_input(l, signals)   # after attention of l: Transfers for layers l+1..
+        plan = ctl.on_route(l, expert_ids, token_counts)  # layer l's router output -> LayerPlan
+    ctl.on_transfer_started(t) / ctl.on_transfer_done(t)   # whenever the engine starts / lands a copy
+
+Before `on_route(l)` at time t the engine reports every transfer started or landed by t, so the
+controller knows which prefetches are still queued: those that went stale are cancelled (the engine drops
+them) and those now needed are promoted (the engine moves them ahead as on-demand loads).
+
+Memory: a slot is taken when the controller decides a transfer (no later than the transfer starts) and
+freed when its expert is evicted. A transfer into a slot whose previous occupant is still in flight or
+still to be computed in this layer step says so (`after_transfer`, `after_compute`); the engine starts
+it no earlier. So the slot count, and with it the expert bytes, never exceeds the budget.
+
+No simpy, no torch: realrun imports this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sim.costs import CostModel
+from sim.hardware import HardwareProfile
+from sim.modelspec import ModelSpec
+from sim.policies.allocation import allocate
+from sim.policies.eviction import FutureAccess, make_eviction
+from sim.policies.miss import MissPolicy
+from sim.policies.precision import PrecisionPolicy, largest
+from sim.policies.prediction import Prediction, Signals, make_predictor
+from sim.policies.prefetch import PrefetchPolicy, fate_decode_count
+from sim.policies.presets import PolicyConfig
+from traces.errors import UserError
+
+QUEUED, STARTED, DONE, CANCELLED = "queued", "started", "done", "cancelled"
+"""Transfer states, in the order a transfer passes through them (or queued -> cancelled)."""
+
+
+class Transfer:
+    """One expert copy into fast memory, decided by the controller, carried out by an engine."""
+
+    __slots__ = ("layer", "expert", "precision", "nbytes", "kind", "slot", "step", "after_transfer",
+                 "after_compute", "state", "used", "score", "start_at", "end_at")
+
+    def __init__(self, layer: int, expert: int, precision: str, nbytes: int, kind: str, slot: int, step: int,
+                 score: float = 0.0) -> None:
+        self.layer = layer
+        self.expert = expert
+        self.precision = precision
+        self.nbytes = nbytes
+        self.kind = kind
+        """"demand" (a miss of the running layer), "prefetch" (a prediction) or "preload" (pinned at start)."""
+        self.slot = slot
+        """Slot index within the layer's cache that the bytes go to."""
+        self.step = step
+        """Forward step the transfer was decided in (and, for a prefetch, the step it predicts for)."""
+        self.after_transfer: Transfer | None = None
+        """The slot's previous occupant, still in flight: start no earlier than its end."""
+        self.after_compute: int | None = None
+        """An expert of this layer step that held the slot: start no earlier than its compute ends."""
+        self.state = QUEUED
+        self.used = False
+        """Prefetch: its expert was routed in the step and layer it was fetched for."""
+        self.score = score
+        """Prefetch: the predictor's confidence."""
+        self.start_at = -1.0
+        """Engine bookkeeping: when the copy started (s)."""
+        self.end_at = -1.0
+        """Engine bookkeeping: when the copy landed (s)."""
+
+    def __repr__(self) -> str:
+        return f"Transfer(L{self.layer} E{self.expert} {self.precision} {self.kind} {self.state})"
+
+
+@dataclass
+class LayerPlan:
+    """What layer `layer` of forward step `step` does with its routed experts."""
+
+    layer: int
+    step: int
+    hits: list[int] = field(default_factory=list)
+    """Routed experts resident or in flight, in compute order."""
+    loads: list[Transfer] = field(default_factory=list)
+    """On-demand transfers, in issue (and compute) order."""
+    cpu_experts: list[int] = field(default_factory=list)
+    substitutions: list[tuple[int, int]] = field(default_factory=list)
+    """(routed expert, speculated expert computed in its place)."""
+    evictions: list[int] = field(default_factory=list)
+    cancelled: list[Transfer] = field(default_factory=list)
+    """Queued prefetches of this layer that went stale: the engine drops them."""
+    promoted: list[Transfer] = field(default_factory=list)
+    """Queued prefetches of this layer now needed: the engine moves them ahead as on-demand loads."""
+    gpu_work: list[tuple[int, int, str, Transfer | None]] = field(default_factory=list)
+    """(expert, tokens, precision, transfer to wait for or None) in GPU compute order: hits, substitutes, loads."""
+    cpu_work: list[tuple[int, int]] = field(default_factory=list)
+    """(expert, tokens) computed on the CPU."""
+
+
+class _LayerCache:
+    """One layer's slots: expert -> the Transfer that brought it (state DONE once landed)."""
+
+    __slots__ = ("slots", "resident", "free", "pinned", "pending", "policy")
+
+    def __init__(self, slots: int, policy) -> None:
+        self.slots = slots
+        self.resident: dict[int, Transfer] = {}
+        self.free = list(range(slots - 1, -1, -1))
+        """Free slot indices (pop() gives the lowest)."""
+        self.pinned: set[int] = set()
+        self.pending: dict[int, Transfer] = {}
+        """Prefetches issued for this layer's next route, by expert."""
+        self.policy = policy
+
+
+class OffloadController:
+    """Per-layer expert caches and all policy decisions for one model, budget and policy."""
+
+    def __init__(self, spec: ModelSpec, policy: PolicyConfig, expert_budget_bytes: int, *, hw: HardwareProfile,
+                 future: FutureAccess | None = None, popularity: np.ndarray | None = None,
+                 score_fn: Callable[[int, Signals], np.ndarray] | None = None) -> None:
+        """spec/hw: shapes and speeds; expert_budget_bytes: fast memory for routed experts (the budget minus
+        non-expert weights, shared experts and KV cache); future: the trace's routing (belady, oracle);
+        popularity: [L, E] routing counts (popularity allocation); score_fn: the learned predictor."""
+        self.spec = spec
+        self.policy = policy
+        self.expert_budget_bytes = int(expert_budget_bytes)
+        num_layers, num_experts, top_k = spec.num_moe_layers, spec.num_experts, spec.top_k
+        self.num_layers = num_layers
+        self.precision = PrecisionPolicy(policy.precision, policy.int2_rate)
+        self.miss = MissPolicy(policy.miss, policy.miss_precision)
+        stored = self.precision.storage_precisions()
+        if policy.miss == "lowbit":
+            stored = stored + (policy.miss_precision,)
+        self.slot_bytes = spec.expert_bytes(largest(stored))
+        """Bytes of one slot: the largest precision this policy loads."""
+        if policy.eviction == "belady" and future is None:
+            raise UserError("eviction 'belady' needs the trace's future routing (only the simulator has it)")
+        total_slots = max(0, self.expert_budget_bytes) // self.slot_bytes
+        reserve = 0 if not self.miss.loads_on_miss() else top_k
+        alloc = allocate(policy.allocation, total_slots=total_slots, num_layers=num_layers, num_experts=num_experts,
+                         top_k=top_k, shallow_layers=policy.shallow_layers, popularity=popularity, reserve=reserve)
+        self.slots_per_layer: list[int] = list(alloc.slots_per_layer)
+        """Expert slots of each MoE layer; sum * slot_bytes <= expert_budget_bytes."""
+        self.caches = [_LayerCache(s, make_eviction(policy.eviction, s, layer, future))
+                       for layer, s in enumerate(self.slots_per_layer)]
+        self.predictor = make_predictor(policy.prediction, num_layers=num_layers, num_experts=num_experts,
+                                        top_k=top_k, depth=policy.lookahead, eap_history=policy.eap_history,
+                                        future=future, score_fn=score_fn)
+        costs = CostModel(spec, hw)
+        self.prefetch = PrefetchPolicy(
+            policy.prefetch, policy.confidence, policy.prefetch_count,
+            fate_decode_count(costs.decode_layer_s("int4"), costs.transfer_s(spec.expert_bytes("int4"))))
+        self.step = -1
+        self.phase = "decode"
+        self.occupied_slots = 0
+        self.stats = _new_stats(num_layers)
+        """Counters the metrics module reads (hits, misses, prefetch outcomes, bytes by kind)."""
+        for layer, experts in enumerate(alloc.pinned):
+            cache = self.caches[layer]
+            for expert in experts:
+                t = self._insert(cache, layer, expert, stored[0], "preload", cache.free.pop(), 0.0)
+                t.state = DONE
+                cache.pinned.add(expert)
+
+    # --- engine hooks ------------------------------------------------------------------------------
+    def start_forward(self, step: int, phase: str, num_tokens: int) -> None:
+        """A new forward step begins: `phase` "prefill" (num_tokens prompt tokens) or "decode" (1)."""
+        self.step = step
+        self.phase = phase
+        self.predictor.begin_step(step, phase)
+
+    def on_transfer_started(self, t: Transfer) -> None:
+        if t.state == QUEUED:
+            t.state = STARTED
+
+    def on_transfer_done(self, t: Transfer) -> None:
+        t.state = DONE
+        st = self.stats
+        if t.kind == "demand":
+            st["bytes_on_demand"] += t.nbytes
+        else:
+            st["bytes_prefetched"] += t.nbytes
+            if t.used:
+                st["bytes_prefetch_used"] += t.nbytes
+
+    def on_gate_input(self, layer: int, signals: Signals) -> list[Transfer]:
+        """Layer `layer`'s gate input exists: predict the layers ahead and return the prefetches to issue."""
+        if self.policy.prefetch == "none":
+            return []
+        predictions: list[Prediction] = self.predictor.predict(layer, signals)
+        picks = self.prefetch.select(predictions, self.phase)
+        out: list[Transfer] = []
+        by_layer: dict[int, list[tuple[int, float]]] = {}
+        for target, expert, score in picks:
+            by_layer.setdefault(target, []).append((expert, score))
+        for target, items in by_layer.items():
+            cache = self.caches[target]
+            wanted = {e for e, _ in items}
+            items = [(e, s) for e, s in items if e not in cache.resident]
+            if not items:
+                continue
+            precisions = self.precision.assign(self.phase, [e for e, _ in items], [s for _, s in items])
+            for (expert, score), precision in zip(items, precisions, strict=True):
+                slot = self._free_slot(cache, target, wanted, expert)
+                if slot is None:
+                    break
+                t = self._insert(cache, target, expert, precision, "prefetch", slot, score)
+                cache.pending[expert] = t
+                out.append(t)
+        self.stats["prefetches_issued"] += len(out)
+        return out
+
+    def on_route(self, layer: int, routed_ids: np.ndarray, token_counts: np.ndarray) -> LayerPlan:
+        """Layer `layer` routed its tokens to `routed_ids` (distinct, with `token_counts`): plan its experts."""
+        cache, step, st = self.caches[layer], self.step, self.stats
+        ids = routed_ids.tolist()
+        counts = dict(zip(ids, token_counts.tolist(), strict=True))
+        plan = LayerPlan(layer, step)
+        if self.policy.eviction == "none":
+            for expert in [e for e, t in cache.resident.items() if t.state == DONE and e not in cache.pinned]:
+                self._evict(cache, expert)
+        spare: list[int] = []
+        for expert, t in list(cache.pending.items()):
+            if expert in counts:
+                t.used = True
+                st["prefetches_used"] += 1
+                st["prefetch_covered"] += 1 if layer > 0 else 0
+                if t.state == DONE:
+                    st["bytes_prefetch_used"] += t.nbytes
+                elif t.state == QUEUED:
+                    plan.promoted.append(t)
+            elif t.state == QUEUED and self.policy.cancel_stale:
+                t.state = CANCELLED
+                plan.cancelled.append(t)
+                self._evict(cache, expert)
+                st["prefetches_cancelled"] += 1
+            else:
+                spare.append(expert)
+        cache.pending = {}
+        hits = [e for e in ids if e in cache.resident]
+        misses = [e for e in ids if e not in cache.resident]
+        st["hits"] += len(hits)
+        st["misses"] += len(misses)
+        st["hits_per_layer"][layer] += len(hits)
+        st["routed_per_layer"][layer] += len(ids)
+        st["routed_predictable"] += len(ids) if layer > 0 else 0
+        policy = cache.policy
+        for expert in hits:
+            policy.on_access(expert, step)
+            t = cache.resident[expert]
+            plan.gpu_work.append((expert, counts[expert], t.precision, None if t.state == DONE else t))
+        plan.hits = hits
+        mp = self.miss.resolve(misses, spare)
+        for routed, substitute in mp.substitutions:
+            policy.on_access(substitute, step)
+            t = cache.resident[substitute]
+            plan.gpu_work.append((substitute, counts[routed], t.precision, None if t.state == DONE else t))
+        plan.substitutions = mp.substitutions
+        plan.cpu_experts = mp.cpu
+        plan.cpu_work = [(e, counts[e]) for e in mp.cpu]
+        if mp.load:
+            if self.miss.name == "lowbit":
+                precisions = [self.policy.miss_precision] * len(mp.load)
+            else:
+                every = self.precision.assign(self.phase, ids, [counts[e] for e in ids])
+                by_expert = dict(zip(ids, every, strict=True))
+                precisions = [by_expert[e] for e in mp.load]
+            in_use = [w[0] for w in plan.gpu_work]  # compute order: earlier ones may give up their slot
+            for expert, precision in zip(mp.load, precisions, strict=True):
+                slot, after_t, after_c = self._demand_slot(cache, layer, counts, in_use, plan)
+                t = self._insert(cache, layer, expert, precision, "demand", slot, 0.0)
+                t.after_transfer, t.after_compute = after_t, after_c
+                plan.loads.append(t)
+                plan.gpu_work.append((expert, counts[expert], precision, t))
+                in_use.append(expert)
+        self.predictor.observe(layer, routed_ids)
+        assert self.occupied_slots * self.slot_bytes <= self.expert_budget_bytes, "expert budget exceeded"
+        return plan
+
+    # --- internals -----------------------------------------------------------------------------------
+    def resident_bytes(self) -> int:
+        """Bytes of fast memory held by expert slots now (slot bytes x occupied slots)."""
+        return self.occupied_slots * self.slot_bytes
+
+    def _insert(self, cache: _LayerCache, layer: int, expert: int, precision: str, kind: str, slot: int,
+                score: float) -> Transfer:
+        t = Transfer(layer, expert, precision, self.spec.expert_bytes(precision), kind, slot, self.step, score)
+        cache.resident[expert] = t
+        cache.policy.on_insert(expert, self.step)
+        self.occupied_slots += 1
+        return t
+
+    def _evict(self, cache: _LayerCache, expert: int) -> Transfer:
+        t = cache.resident.pop(expert)
+        if cache.pending.get(expert) is t:
+            del cache.pending[expert]
+        cache.policy.on_remove(expert)
+        cache.free.append(t.slot)
+        self.occupied_slots -= 1
+        return t
+
+    def _free_slot(self, cache: _LayerCache, layer: int, protected: set[int], incoming: int) -> int | None:
+        """A slot for a prefetch: a free one, or one of an arrived, unprotected, unpinned expert; else None."""
+        if cache.free:
+            return cache.free.pop()
+        candidates = {e for e, t in cache.resident.items()
+                      if t.state == DONE and e not in protected and e not in cache.pinned}
+        if not candidates:
+            return None
+        victim = cache.policy.victim(candidates, incoming, self.step)
+        self.stats["evictions"] += 1
+        self._evict(cache, victim)
+        return cache.free.pop()
+
+    def _demand_slot(self, cache: _LayerCache, layer: int, routed: dict[int, int], in_use: list[int],
+                     plan: LayerPlan) -> tuple[int, Transfer | None, int | None]:
+        """A slot for an on-demand load and what must finish before its bytes may land there."""
+        if cache.free:
+            return cache.free.pop(), None, None
+        busy = set(in_use)
+        others = {e for e in cache.resident if e not in routed and e not in busy and e not in cache.pinned}
+        landed = {e for e in others if cache.resident[e].state == DONE}
+        pool = landed or others
+        if pool:
+            victim = cache.policy.victim(pool, None, self.step)
+            t = self._evict(cache, victim)
+            plan.evictions.append(victim)
+            self.stats["evictions"] += 1
+            return cache.free.pop(), (None if t.state == DONE else t), None
+        # every slot holds an expert of this very step: reuse the earliest one computed (not pinned)
+        for expert in in_use:
+            if expert in cache.resident and expert not in cache.pinned:
+                t = self._evict(cache, expert)
+                plan.evictions.append(expert)
+                self.stats["evictions"] += 1
+                return cache.free.pop(), (None if t.state == DONE else t), expert
+        raise UserError(f"layer {layer} has {cache.slots} slots, all pinned; lower the pinned share or raise the budget")
+
+
+def _new_stats(num_layers: int) -> dict:
+    return {
+        "hits": 0, "misses": 0, "hits_per_layer": [0] * num_layers, "routed_per_layer": [0] * num_layers,
+        "routed_predictable": 0, "prefetches_issued": 0, "prefetches_used": 0, "prefetches_cancelled": 0,
+        "prefetch_covered": 0, "evictions": 0, "bytes_on_demand": 0, "bytes_prefetched": 0,
+        "bytes_prefetch_used": 0,
+    }

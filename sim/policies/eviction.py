@@ -1,0 +1,253 @@
+"""Eviction: which resident expert of a layer's cache makes room for an incoming one.
+
+One policy object per MoE layer. The controller owns the cache contents (which experts are resident, in
+flight or pinned) and asks the policy only two things: keep your bookkeeping up to date (`on_insert`,
+`on_access`, `on_remove`) and pick a victim among the experts it may evict (`victim`). Candidates exclude
+pinned experts, experts in use by the current layer step and transfers not yet started, so every policy
+here is "the classic algorithm restricted to the evictable set".
+
+- `lru`: least recently used.
+- `lfu`: least frequently used since insertion (in-cache frequency), ties broken by recency.
+- `arc`: adaptive replacement cache (Megiddo & Modha, FAST 2003) with recency list T1, frequency list T2,
+  their ghost lists B1, B2 and the adaptive target p; capacity c = the layer's slots.
+- `belady`: evict the expert whose next use lies farthest in the future (needs `FutureAccess`; the bound).
+- `none`: no reuse at all; the controller empties the layer before each step (pure load on demand). As a
+  victim chooser it behaves like LRU (used only when one step routes more experts than there are slots).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+
+EVICTIONS = ("lru", "lfu", "arc", "belady", "none")
+"""Valid eviction policy names."""
+
+NEVER = 1 << 62
+"""Next-use step of an expert that is never used again."""
+
+
+class FutureAccess:
+    """The trace's future, for Belady eviction and the oracle predictor.
+
+    `routes[step][layer]` is `(expert_ids, token_counts)` of that forward step (a prefill chunk or a decode
+    token) and MoE layer, expert ids sorted ascending.
+    """
+
+    def __init__(self, routes: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], num_layers: int) -> None:
+        self.routes = routes
+        """routes[step][layer] = (expert_ids [n] int, token_counts [n] int)."""
+        uses: list[dict[int, list[int]]] = [{} for _ in range(num_layers)]
+        for step, layers in enumerate(routes):
+            for layer, (ids, _) in enumerate(layers):
+                table = uses[layer]
+                for expert in ids.tolist():
+                    table.setdefault(expert, []).append(step)
+        self._uses = uses
+        """_uses[layer][expert] = ascending steps that route to that expert."""
+
+    def next_use(self, layer: int, expert: int, step: int) -> int:
+        """First step >= `step` in which `layer` routes to `expert`, or NEVER."""
+        steps = self._uses[layer].get(expert)
+        if not steps:
+            return NEVER
+        i = bisect.bisect_left(steps, step)
+        return steps[i] if i < len(steps) else NEVER
+
+    def routed(self, step: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(expert_ids, token_counts) of `layer` in forward step `step`."""
+        return self.routes[step][layer]
+
+
+class LRU:
+    """Least recently used."""
+
+    name = "lru"
+
+    def __init__(self, capacity: int) -> None:
+        self.order: OrderedDict[int, None] = OrderedDict()
+        """Resident experts, least recently used first."""
+
+    def on_insert(self, expert: int, step: int) -> None:
+        self.order[expert] = None
+        self.order.move_to_end(expert)
+
+    def on_access(self, expert: int, step: int) -> None:
+        self.order.move_to_end(expert)
+
+    def on_remove(self, expert: int) -> None:
+        self.order.pop(expert, None)
+
+    def victim(self, candidates: set[int], incoming: int | None, step: int) -> int:
+        for expert in self.order:
+            if expert in candidates:
+                return expert
+        raise ValueError("no evictable expert among the candidates")
+
+
+class LFU:
+    """Least frequently used since insertion; ties go to the least recently used."""
+
+    name = "lfu"
+
+    def __init__(self, capacity: int) -> None:
+        self.count: dict[int, int] = {}
+        """Uses of each resident expert since it was inserted."""
+        self.last: dict[int, int] = {}
+        """Tick of each resident expert's last use (a counter, not a time)."""
+        self._tick = 0
+
+    def on_insert(self, expert: int, step: int) -> None:
+        self._tick += 1
+        self.count[expert] = 1
+        self.last[expert] = self._tick
+
+    def on_access(self, expert: int, step: int) -> None:
+        self._tick += 1
+        self.count[expert] += 1
+        self.last[expert] = self._tick
+
+    def on_remove(self, expert: int) -> None:
+        self.count.pop(expert, None)
+        self.last.pop(expert, None)
+
+    def victim(self, candidates: set[int], incoming: int | None, step: int) -> int:
+        return min(candidates, key=lambda e: (self.count[e], self.last[e]))
+
+
+class ARC:
+    """Adaptive replacement cache: T1 (seen once), T2 (seen twice or more), ghosts B1, B2, target p."""
+
+    name = "arc"
+
+    def __init__(self, capacity: int) -> None:
+        self.c = max(1, capacity)
+        """Cache size in experts (the layer's slots)."""
+        self.p = 0.0
+        """Adaptive target size of T1."""
+        self.t1: OrderedDict[int, None] = OrderedDict()
+        self.t2: OrderedDict[int, None] = OrderedDict()
+        self.b1: OrderedDict[int, None] = OrderedDict()
+        self.b2: OrderedDict[int, None] = OrderedDict()
+
+    def _adapted_p(self, incoming: int | None) -> float:
+        if incoming in self.b1:
+            return min(float(self.c), self.p + max(len(self.b2) / len(self.b1), 1.0))
+        if incoming in self.b2:
+            return max(0.0, self.p - max(len(self.b1) / len(self.b2), 1.0))
+        return self.p
+
+    def victim(self, candidates: set[int], incoming: int | None, step: int) -> int:
+        """ARC's REPLACE: LRU of T1 if T1 exceeds p (or equals it on a B2 hit), else LRU of T2."""
+        p = self._adapted_p(incoming)
+        t1_first = len(self.t1) > 0 and (len(self.t1) > p or (incoming in self.b2 and len(self.t1) == p))
+        lists = (self.t1, self.t2) if t1_first else (self.t2, self.t1)
+        for lst in lists:
+            for expert in lst:
+                if expert in candidates:
+                    return expert
+        raise ValueError("no evictable expert among the candidates")
+
+    def on_insert(self, expert: int, step: int) -> None:
+        self.p = self._adapted_p(expert)
+        if expert in self.b1 or expert in self.b2:
+            self.b1.pop(expert, None)
+            self.b2.pop(expert, None)
+            self.t2[expert] = None
+        else:
+            self.t1[expert] = None
+        while len(self.t1) + len(self.b1) > self.c and self.b1:
+            self.b1.popitem(last=False)
+        while len(self.t1) + len(self.t2) + len(self.b1) + len(self.b2) > 2 * self.c and self.b2:
+            self.b2.popitem(last=False)
+
+    def on_access(self, expert: int, step: int) -> None:
+        self.t1.pop(expert, None)
+        self.t2[expert] = None
+        self.t2.move_to_end(expert)
+
+    def on_remove(self, expert: int) -> None:
+        """An evicted expert leaves a ghost in B1 (from T1) or B2 (from T2)."""
+        if expert in self.t1:
+            del self.t1[expert]
+            self.b1[expert] = None
+        elif expert in self.t2:
+            del self.t2[expert]
+            self.b2[expert] = None
+        while len(self.t1) + len(self.b1) > self.c and self.b1:
+            self.b1.popitem(last=False)
+        while len(self.t1) + len(self.t2) + len(self.b1) + len(self.b2) > 2 * self.c and self.b2:
+            self.b2.popitem(last=False)
+
+
+class Belady:
+    """Evict the candidate whose next use is farthest away (ties: the lowest expert id)."""
+
+    name = "belady"
+
+    def __init__(self, capacity: int, layer: int, future: FutureAccess) -> None:
+        self.layer = layer
+        self.future = future
+
+    def on_insert(self, expert: int, step: int) -> None:
+        pass
+
+    def on_access(self, expert: int, step: int) -> None:
+        pass
+
+    def on_remove(self, expert: int) -> None:
+        pass
+
+    def victim(self, candidates: set[int], incoming: int | None, step: int) -> int:
+        nxt = self.future.next_use
+        return max(sorted(candidates), key=lambda e: nxt(self.layer, e, step))
+
+
+EvictionPolicy = LRU | LFU | ARC | Belady
+
+
+def make_eviction(name: str, capacity: int, layer: int, future: FutureAccess | None) -> EvictionPolicy:
+    """The eviction policy `name` for one layer of `capacity` slots."""
+    if name in ("lru", "none"):
+        return LRU(capacity)
+    if name == "lfu":
+        return LFU(capacity)
+    if name == "arc":
+        return ARC(capacity)
+    if name == "belady":
+        if future is None:
+            raise ValueError("belady eviction needs the future access sequence")
+        return Belady(capacity, layer, future)
+    raise ValueError(f"unknown eviction {name!r}; choose one of {', '.join(EVICTIONS)}")
+
+
+def simulate_cache(name: str, capacity: int, accesses: Sequence[int]) -> tuple[list[bool], list[int | None]]:
+    """Run a single cache of `capacity` over an access string; return (hit per access, victim per access).
+
+    The reference semantics of each policy on its own (one expert per step, nothing in flight); the
+    tests check hand-computed sequences against it.
+    """
+    future = FutureAccess([[(np.array([a]), np.array([1]))] for a in accesses], num_layers=1)
+    policy = make_eviction(name, capacity, 0, future)
+    resident: set[int] = set()
+    hits: list[bool] = []
+    victims: list[int | None] = []
+    for step, expert in enumerate(accesses):
+        if expert in resident:
+            policy.on_access(expert, step)
+            hits.append(True)
+            victims.append(None)
+            continue
+        victim = None
+        if len(resident) >= capacity:
+            victim = policy.victim(resident - {expert}, expert, step + 1)
+            resident.discard(victim)
+            policy.on_remove(victim)
+        resident.add(expert)
+        policy.on_insert(expert, step)
+        hits.append(False)
+        victims.append(victim)
+    return hits, victims

@@ -1,0 +1,254 @@
+"""Prediction: which experts the layers ahead will route to, decided when layer l's gate input exists.
+
+A predictor gets `Signals` at layer l (after attention, before layer l's router) and returns one
+`Prediction` per layer ahead, experts most likely first with a score (decode: a probability; prefill:
+a predicted token count). Predictors see only what a real system would see at that moment, except
+`oracle`, which reads the trace's future (the bound).
+
+- `none`: predicts nothing.
+- `crosslayer`: Fate (arXiv 2502.12224): the gate of layer l+d applied to layer l's gate input
+  (`Signals.lookahead_probs`); decode ranks experts by that probability, prefill by how many prompt
+  tokens have the expert in their predicted top-k (predicted popularity).
+- `eap`: expert activation path: the running token's path so far (layers < l) is matched against the
+  paths of earlier decoded tokens, and the most similar one's experts at l+1.. are predicted (the Fate
+  paper's EAP baseline; path tracing as in MoE-Infinity, arXiv 2401.14361). Prefill: the experts most
+  often used at l+1 in the stored paths.
+- `speculative`: Speculating Experts (arXiv 2603.19289): the quasi-hidden state (layer l's gate input)
+  through the gates of the next `lookahead` layers, top-k of each; the miss policy `speculated` may then
+  execute these experts instead of missing routed ones.
+- `oracle`: the experts the trace actually routes to at l+1.., by token count.
+- `learned`: scores from an injected callable `score_fn(layer, signals) -> [E] scores for layer + 1`
+  (the learned estimator of sim.analysis plugs in here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from sim.policies.eviction import FutureAccess
+from traces.errors import UserError
+
+PREDICTIONS = ("none", "crosslayer", "eap", "speculative", "oracle", "learned")
+"""Valid predictor names."""
+
+NEEDS_LOOKAHEAD = ("crosslayer", "speculative")
+"""Predictors that read look-ahead logits (a trace without them cannot drive these)."""
+
+
+@dataclass
+class Signals:
+    """What the CPU predictor may read at layer l of one forward step."""
+
+    step: int
+    """Index of the forward step (a prefill chunk of one sequence, or one decode token)."""
+    phase: str
+    """"prefill" or "decode"."""
+    num_tokens: int
+    """Tokens in this step (1 in decode)."""
+    lookahead_probs: np.ndarray | None = None
+    """[D, n, E] softmax over E of the gates of layers l+1..l+D applied to layer l's gate input; n = tokens."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Experts predicted for one layer ahead, most likely first."""
+
+    layer: int
+    experts: tuple[int, ...]
+    scores: tuple[float, ...]
+    """Decode: probability-like confidence in [0, 1]; prefill: predicted token count."""
+
+
+def _rank(scores: np.ndarray, limit: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Experts with score > 0, highest first (ties: lower id), at most `limit`."""
+    order = np.argsort(-scores, kind="stable")[:limit]
+    keep = [int(e) for e in order if scores[e] > 0]
+    return tuple(keep), tuple(float(scores[e]) for e in keep)
+
+
+class NoPredictor:
+    name = "none"
+
+    def begin_step(self, step: int, phase: str) -> None:
+        pass
+
+    def predict(self, layer: int, signals: Signals) -> list[Prediction]:
+        return []
+
+    def observe(self, layer: int, routed_ids: np.ndarray) -> None:
+        pass
+
+
+class LookaheadPredictor:
+    """Cross-layer gate (Fate) and speculative quasi-hidden state (Speculating Experts) predictors."""
+
+    def __init__(self, name: str, num_layers: int, num_experts: int, top_k: int, depth: int) -> None:
+        self.name = name
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.depth = depth
+        """How many layers ahead to predict (<= the look-ahead depth D of the signals)."""
+
+    def begin_step(self, step: int, phase: str) -> None:
+        pass
+
+    def observe(self, layer: int, routed_ids: np.ndarray) -> None:
+        pass
+
+    def predict(self, layer: int, signals: Signals) -> list[Prediction]:
+        probs = signals.lookahead_probs  # [D, n, E]
+        if probs is None:
+            raise UserError(f"predictor {self.name!r} needs look-ahead logits; record the trace with them "
+                            "or --set prediction=eap|none")
+        out = []
+        limit = self.num_experts if self.name == "crosslayer" else self.top_k
+        for d in range(min(self.depth, probs.shape[0])):
+            target = layer + d + 1
+            if target >= self.num_layers:
+                break
+            p = probs[d]  # [n, E]
+            if p.shape[0] == 1:
+                scores = p[0]
+            else:
+                top = np.argpartition(-p, self.top_k - 1, axis=1)[:, : self.top_k]  # [n, k]
+                scores = np.bincount(top.ravel(), minlength=self.num_experts).astype(np.float64)
+                limit = self.num_experts
+            experts, values = _rank(scores, limit)
+            out.append(Prediction(target, experts, values))
+        return out
+
+
+class EapPredictor:
+    """Expert activation path: the most similar earlier path (by experts shared layer by layer so far)."""
+
+    name = "eap"
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, depth: int, history: int) -> None:
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.depth = depth
+        self.history = history
+        """Paths kept (most recent)."""
+        self.paths = np.full((history, num_layers, num_experts), False)
+        """[N, L, E] multi-hot path of each stored decode token (ring buffer)."""
+        self.stored = 0
+        self.current = np.full((num_layers, num_experts), False)
+        self.score = np.zeros(history)
+        self.phase = "decode"
+
+    def begin_step(self, step: int, phase: str) -> None:
+        if self.phase == "decode" and self.current.any():
+            self.paths[self.stored % self.history] = self.current
+            self.stored += 1
+        self.current = np.full((self.num_layers, self.num_experts), False)
+        self.score = np.zeros(self.history)
+        self.phase = phase
+
+    def observe(self, layer: int, routed_ids: np.ndarray) -> None:
+        self.current[layer, routed_ids] = True
+        if self.phase == "decode" and self.stored:
+            self.score += self.paths[:, layer, routed_ids].sum(axis=1)
+
+    def predict(self, layer: int, signals: Signals) -> list[Prediction]:
+        n = min(self.stored, self.history)
+        if n == 0:
+            return []
+        out = []
+        if signals.phase == "prefill":
+            for d in range(self.depth):
+                target = layer + d + 1
+                if target < self.num_layers:
+                    counts = self.paths[:n, target].sum(axis=0).astype(np.float64)
+                    out.append(Prediction(target, *_rank(counts, self.num_experts)))
+            return out
+        # most similar stored path; ties go to the most recent one
+        newest_first = (self.stored - 1 - np.arange(n)) % self.history
+        best = int(newest_first[np.argmax(self.score[newest_first])])
+        for d in range(self.depth):
+            target = layer + d + 1
+            if target < self.num_layers:
+                experts = tuple(int(e) for e in np.flatnonzero(self.paths[best, target]))
+                out.append(Prediction(target, experts, tuple(1.0 for _ in experts)))
+        return out
+
+
+class OraclePredictor:
+    """The trace's own future routing (an upper bound on any predictor)."""
+
+    name = "oracle"
+
+    def __init__(self, num_layers: int, depth: int, future: FutureAccess) -> None:
+        self.num_layers = num_layers
+        self.depth = depth
+        self.future = future
+
+    def begin_step(self, step: int, phase: str) -> None:
+        pass
+
+    def observe(self, layer: int, routed_ids: np.ndarray) -> None:
+        pass
+
+    def predict(self, layer: int, signals: Signals) -> list[Prediction]:
+        out = []
+        for d in range(self.depth):
+            target = layer + d + 1
+            if target >= self.num_layers:
+                break
+            ids, counts = self.future.routed(signals.step, target)
+            order = np.argsort(-counts, kind="stable")
+            out.append(Prediction(target, tuple(int(ids[i]) for i in order),
+                                  tuple(float(counts[i]) for i in order)))
+        return out
+
+
+class LearnedPredictor:
+    """A predictor whose per-expert scores for layer l+1 come from an injected callable."""
+
+    name = "learned"
+
+    def __init__(self, num_layers: int, num_experts: int, score_fn: Callable[[int, Signals], np.ndarray]) -> None:
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.score_fn = score_fn
+        """score_fn(layer, signals) -> [E] non-negative scores of layer + 1's experts."""
+
+    def begin_step(self, step: int, phase: str) -> None:
+        pass
+
+    def observe(self, layer: int, routed_ids: np.ndarray) -> None:
+        pass
+
+    def predict(self, layer: int, signals: Signals) -> list[Prediction]:
+        if layer + 1 >= self.num_layers:
+            return []
+        scores = np.asarray(self.score_fn(layer, signals), dtype=np.float64)
+        return [Prediction(layer + 1, *_rank(scores, self.num_experts))]
+
+
+Predictor = NoPredictor | LookaheadPredictor | EapPredictor | OraclePredictor | LearnedPredictor
+
+
+def make_predictor(name: str, *, num_layers: int, num_experts: int, top_k: int, depth: int, eap_history: int,
+                   future: FutureAccess | None = None,
+                   score_fn: Callable[[int, Signals], np.ndarray] | None = None) -> Predictor:
+    """The predictor `name`; UserError when it lacks what it needs (future, score_fn)."""
+    if name == "none":
+        return NoPredictor()
+    if name in NEEDS_LOOKAHEAD:
+        return LookaheadPredictor(name, num_layers, num_experts, top_k, depth)
+    if name == "eap":
+        return EapPredictor(num_layers, num_experts, top_k, depth, eap_history)
+    if name == "oracle":
+        if future is None:
+            raise UserError("predictor 'oracle' needs the trace's future routing")
+        return OraclePredictor(num_layers, depth, future)
+    if name == "learned":
+        if score_fn is None:
+            raise UserError("predictor 'learned' needs a trained estimator (score_fn); see `fatesim train-estimator`")
+        return LearnedPredictor(num_layers, num_experts, score_fn)
+    raise UserError(f"unknown prediction {name!r}; choose one of {', '.join(PREDICTIONS)}")

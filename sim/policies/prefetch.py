@@ -1,0 +1,58 @@
+"""Prefetch scheduling: which predicted experts to fetch, how many, and what happens to stale ones.
+
+Given the predictor's ranked experts for the layers ahead, a prefetch policy picks the ones worth a
+transfer. Already resident (or in flight) experts are skipped by the controller; the controller also caps
+a layer's prefetches at its free-able slots. On-demand loads always go before prefetches on the link
+(the engines enforce it), and a prefetch still queued when its layer routes elsewhere is cancelled
+(`cancel_stale`).
+
+- `none`: no prefetching.
+- `fate`: Fate (arXiv 2502.12224). Decode: n = floor(decode layer time / INT4 expert transfer time)
+  experts per layer ahead (at least 1), those with confidence >= `confidence`; a prefetch that cannot
+  arrive within the layer it hides behind only steals link time. Prefill: every predicted expert, in
+  predicted-popularity order (most tokens first), so the most useful bytes arrive first.
+- `topk`: the predictor's first `prefetch_count` experts per layer ahead (mixtral-offloading style).
+- `all`: every predicted expert (used with the oracle predictor: fetch exactly the future).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from sim.policies.prediction import Prediction
+
+PREFETCHES = ("none", "fate", "topk", "all")
+"""Valid prefetch policy names."""
+
+
+@dataclass(frozen=True)
+class PrefetchPolicy:
+    """How many of the predicted experts to fetch."""
+
+    name: str
+    confidence: float
+    """Decode: minimum predicted probability to prefetch (`fate`)."""
+    prefetch_count: int
+    """Experts per layer ahead for `topk`."""
+    fate_decode_count: int
+    """Fate's n = floor(layer time / INT4 transfer time), at least 1 (computed from the cost model)."""
+
+    def select(self, predictions: list[Prediction], phase: str) -> list[tuple[int, int, float]]:
+        """(layer, expert, score) to prefetch, in issue order (nearest layer first, best first)."""
+        if self.name == "none":
+            return []
+        out: list[tuple[int, int, float]] = []
+        for pred in predictions:
+            pairs = list(zip(pred.experts, pred.scores, strict=True))
+            if self.name == "topk":
+                pairs = pairs[: self.prefetch_count]
+            elif self.name == "fate" and phase == "decode":
+                pairs = [(e, s) for e, s in pairs if s >= self.confidence][: self.fate_decode_count]
+            out.extend((pred.layer, e, s) for e, s in pairs)
+        return out
+
+
+def fate_decode_count(decode_layer_s: float, int4_transfer_s: float) -> int:
+    """Fate's prefetch count in decode: how many INT4 experts the link moves during one layer (>= 1)."""
+    return max(1, math.floor(decode_layer_s / int4_transfer_s))
