@@ -224,3 +224,37 @@ def estimator_predictor(path: str | os.PathLike[str], num_layers: int | None = N
     if num_experts is not None and estimator.num_experts != num_experts:
         raise UserError(f"estimator {path} is for {estimator.num_experts} experts, the model has {num_experts}")
     return estimator
+
+
+def step_token_slices(trace) -> list[slice]:
+    """Token range of each forward step of a trace, in execution order: per sequence, one step for all
+    its prefill tokens (if any), then one step per decode token (the step numbering of `Signals.step`)."""
+    prefill = np.asarray(trace.is_prefill).astype(bool)
+    steps: list[slice] = []
+    for sl in trace.sequence_slices():
+        n_prefill = int(prefill[sl].sum())
+        if n_prefill:
+            steps.append(slice(sl.start, sl.start + n_prefill))
+        steps.extend(slice(t, t + 1) for t in range(sl.start + n_prefill, sl.stop))
+    return steps
+
+
+def make_score_fn(estimator: LearnedEstimator, trace=None):
+    """The `score_fn(layer, signals) -> [E]` that `sim.policies.prediction.LearnedPredictor` injects.
+
+    Scores layer+1's experts from layer's gate input: `signals.gate_inputs` ([n, H]) when the engine
+    provides it (realrun: the live hidden state), else the trace's recorded gate inputs of the step's
+    tokens (`step_token_slices`). Decode: probabilities; prefill: expected token counts (sum over tokens).
+    """
+    steps = step_token_slices(trace) if trace is not None else None
+
+    def score_fn(layer: int, signals) -> np.ndarray:
+        x = getattr(signals, "gate_inputs", None)
+        if x is None:
+            if steps is None or trace.gate_inputs is None:
+                raise UserError("the learned predictor needs gate inputs: give a trace recorded with gate inputs")
+            x = np.asarray(trace.gate_inputs[steps[signals.step], layer])  # [n, H]
+        probs = estimator.scores(layer, np.atleast_2d(np.asarray(x, dtype=np.float32)))[:, 0]  # [n, E]
+        return probs.sum(axis=0) if signals.phase == "prefill" else probs.mean(axis=0)
+
+    return score_fn
