@@ -23,17 +23,18 @@ def trace() -> None:
 
 
 def _done(out: Path, t) -> str:
-    return (f"wrote {out}: {t.num_tokens:,} tokens in {t.num_sequences:,} sequences, {t.num_moe_layers} MoE "
-            f"layers, {t.num_experts} experts top-{t.top_k} (see `fatesim trace info {out}`)")
+    seqs = f"{t.num_sequences:,} sequence{'s' if t.num_sequences != 1 else ''}"
+    return (f"wrote {out}: {t.num_tokens:,} tokens in {seqs}, {t.num_moe_layers} MoE layers, "
+            f"{t.num_experts} experts top-{t.top_k} (see `fatesim trace info {out}`)")
 
 
 @trace.command("info")
 @click.argument("file", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of text.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one line of JSON instead of text.")
 def info(file: Path, as_json: bool) -> None:
     """Validate trace FILE and print a summary: counts, layers, experts, provenance, assumptions."""
     summary = summarize(read_trace(file))
-    click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+    click.echo(json.dumps(summary) if as_json else format_summary(summary))
 
 
 @trace.command("import")

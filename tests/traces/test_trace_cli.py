@@ -32,7 +32,7 @@ def imported(tmp_path: Path, realtraces: Path, capsys) -> Path:
     out = tmp_path / "raw.safetensors"
     code, stdout, stderr = run(["trace", "import", "mixtral-jsonl", str(realtraces / RAW), "--out", str(out)], capsys)
     assert code == 0, stderr
-    assert stdout.startswith(f"wrote {out}: 94 tokens in 1 sequences, 32 MoE layers, 8 experts top-2")
+    assert stdout.startswith(f"wrote {out}: 94 tokens in 1 sequence, 32 MoE layers, 8 experts top-2")
     return out
 
 
@@ -49,6 +49,7 @@ def test_info_json_keys(imported: Path, capsys) -> None:
     """--json prints one JSON object with the documented keys."""
     code, out, _ = run(["trace", "info", str(imported), "--json"], capsys)
     assert code == 0
+    assert out.count("\n") == 1
     d = json.loads(out)
     for key in ("model", "source", "tokens", "sequences", "prefill_tokens", "decode_tokens", "moe_layers",
                 "experts", "top_k", "lookahead_depth", "optional", "assumptions", "prompts", "created"):
