@@ -1,0 +1,396 @@
+"""The real offloading engine: a transformers MoE model whose routed experts live in a slow tier.
+
+`OffloadEngine` takes a loaded transformers 5.x MoE model (Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3, Mixtral,
+OLMoE), a slow-tier store holding every expert in every precision the policy may load, and an
+`sim.policies.controller.OffloadController`; it then
+
+1. swaps each MoE block's fused `experts` module for `realrun.experts.OffloadedExperts` (same call
+   signature, no weights) and frees the original expert weights;
+2. allocates fast memory once: `slots_per_layer[l]` slots per MoE layer of `slot_bytes` each (page-aligned
+   host memory on CPU, device memory on CUDA), plus one dequantisation buffer per precision;
+3. hooks each router with a forward pre-hook: when layer l's gate input exists, the next layers' routers
+   are applied to it (the live cross-layer gate, Fate's predictor input) and the controller's prefetches
+   go to the I/O thread;
+4. serves each layer's experts in the controller's plan order: resident experts first, then each in-flight
+   or on-demand expert as soon as its bytes land (the only wait), CPU-executed and substituted experts as
+   the plan says; the outputs are summed in ascending expert order exactly as transformers does, so a
+   lossless run gives the plain model's logits bit for bit.
+
+The engine never decides anything: allocation, eviction, prediction, prefetch, precision and miss
+handling are the controller's (the same object the simulator drives). It owns bytes and clocks.
+Per-step order of calls: `start_forward`, then per MoE layer `on_gate_input` (pre-hook) and `on_route`
+(experts module); `on_transfer_started` / `on_transfer_done` are reported before every `on_route`.
+
+Shape letters: N tokens in the forward, H hidden size, E experts, k experts per token, D look-ahead depth.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from realrun.experts import OffloadedExperts, expert_forward
+from realrun.loader import Copy, Loader
+from realrun.quant import Dequantizer, ExpertLayout, raw_views
+from realrun.store import DiskStore, SlowStore, aligned_buffer
+from sim.modelspec import ModelSpec
+from sim.policies.controller import LayerPlan, OffloadController, Transfer
+from sim.policies.prediction import Signals
+from traces.errors import UserError
+from traces.routercapture import find_routers
+
+
+@dataclass
+class Span:
+    """One interval on a timeline track (perf_counter seconds)."""
+
+    track: str
+    """"compute", "io" or "predictor"."""
+    name: str
+    start_at: float
+    end_at: float
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RouteRecord:
+    """What one MoE layer routed in one forward (kept for --trace-out)."""
+
+    topk_ids: np.ndarray
+    """[N, k] int64."""
+    topk_weights: np.ndarray
+    """[N, k] float32."""
+    router_logits: np.ndarray
+    """[N, E] float32."""
+    lookahead_logits: np.ndarray | None
+    """[D, N, E] float32: gates of layers l+1..l+D on layer l's gate input (0 past the last layer)."""
+
+
+def moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """(decoder index, MoE block) of every MoE layer; the block has `gate` (router) and `experts`."""
+    blocks = []
+    base = model.model if hasattr(model, "model") and hasattr(model.model, "layers") else model
+    for index, router in find_routers(model):
+        block = base.layers[index].mlp
+        experts = getattr(block, "experts", None)
+        if experts is None or not hasattr(experts, "gate_up_proj") or block.gate is not router:
+            raise UserError(f"decoder layer {index}: MoE block without fused experts (gate_up_proj); "
+                            "transformers 5.x is required")
+        blocks.append((index, block))
+    return blocks
+
+
+def spec_of(model: nn.Module, name: str) -> ModelSpec:
+    """The `ModelSpec` of a loaded model, with the dtype its weights really have."""
+    cfg = model.config.to_dict()
+    cfg["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    cfg["torch_dtype"] = cfg["dtype"]
+    return ModelSpec.from_hf_config(cfg, name=name)
+
+
+class OffloadEngine:
+    """Runs `model` with its routed experts offloaded to `store`, under `controller` (see module doc)."""
+
+    def __init__(self, model: nn.Module, spec: ModelSpec, controller: OffloadController, store: SlowStore,
+                 layouts: dict[str, ExpertLayout], device: torch.device, *, record_routes: bool = False,
+                 lookahead: int = 1) -> None:
+        self.model = model
+        self.spec = spec
+        self.ctl = controller
+        self.store = store
+        self.layouts = layouts
+        self.device = device
+        self.record_routes = record_routes
+        """Keep every layer's routing of every forward in `routes` (for --trace-out)."""
+        self.lookahead = max(1, lookahead)
+        """D: how many layers ahead the live cross-layer gate is computed for."""
+        self.blocks = moe_blocks(model)
+        if len(self.blocks) != spec.num_moe_layers:
+            raise UserError(f"model has {len(self.blocks)} MoE layers, its config says {spec.num_moe_layers}")
+        # The routers' weights in float32, [E, H] each: the live cross-layer gate multiplies by them.
+        self.router_weights = [b.gate.weight.detach().float() for _, b in self.blocks]
+        self.slot_stride = max(store.padded_bytes(p) for p in layouts)
+        """Bytes between slots: the largest record, rounded up for O_DIRECT on a disk store."""
+        if controller.slot_bytes < max(lay.nbytes for lay in layouts.values()):
+            raise ValueError("controller slots are smaller than the records the store holds")
+        self.arenas: list[torch.Tensor] = []
+        """One buffer per MoE layer holding its slots back to back (allocated once)."""
+        self.slots: list[list[torch.Tensor]] = []
+        for n in controller.slots_per_layer:
+            arena = self._alloc(n * self.slot_stride)
+            self.arenas.append(arena)
+            self.slots.append([arena[i * self.slot_stride : (i + 1) * self.slot_stride] for i in range(n)])
+        self.dequant = {p: Dequantizer(lay, device) for p, lay in layouts.items() if lay.group_size}
+        self.cpu_dequant = ({p: Dequantizer(lay, "cpu") for p, lay in layouts.items() if lay.group_size}
+                            if device.type == "cuda" else self.dequant)
+        # CUDA: the event recorded on the compute stream after each slot was last read
+        self.slot_free: list[list[torch.cuda.Event | None]] = [[None] * n for n in controller.slots_per_layer]
+        staging = self.slot_stride if device.type == "cuda" and isinstance(store, DiskStore) else 0
+        self.loader = Loader(store, device, staging_bytes=staging)
+        self._copies: dict[Transfer, Copy] = {}
+        self._in_flight: list[Copy] = []
+        self._hooks: list[Any] = []
+        self.step = -1
+        self.phase = "prefill"
+        self.stall_s = 0.0
+        """Seconds the compute thread waited for expert bytes."""
+        self.stall_s_by_phase = {"prefill": 0.0, "decode": 0.0}
+        self.predictor_s = 0.0
+        """Seconds spent computing the live cross-layer gate and the controller's prefetch decisions."""
+        self.spans: list[Span] = []
+        self.routes: list[list[RouteRecord]] = []
+        """routes[step][layer] when `record_routes`."""
+        self.layer_steps = 0
+        self.max_resident_bytes = 0
+        """Largest slot bytes the controller held at once (sum over layers of occupied slots x slot_bytes)."""
+        self._pending_lookahead: list[np.ndarray | None] = [None] * spec.num_moe_layers
+        self._install()
+        self._preload()
+
+    # --- setup -----------------------------------------------------------------------------------
+    def _alloc(self, nbytes: int) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return aligned_buffer(nbytes)  # page-aligned: O_DIRECT reads land in slots directly
+
+    def _install(self) -> None:
+        for layer, (_, block) in enumerate(self.blocks):
+            old = block.experts
+            block.experts = OffloadedExperts(layer, self.spec.num_experts, old.act_fn, self)
+            del old  # the original weights are freed once the caller drops its references
+            self._hooks.append(block.gate.register_forward_pre_hook(self._gate_hook(layer)))
+
+    def _preload(self) -> None:
+        """Experts the allocation pins (e.g. cpu-exec's most popular) are loaded before serving, untimed."""
+        for layer, cache in enumerate(self.ctl.caches):
+            for t in cache.resident.values():
+                if t.kind == "preload":
+                    self._read_now(t, self.slots[layer][t.slot])
+
+    def _read_now(self, t: Transfer, dst: torch.Tensor) -> None:
+        if self.device.type == "cuda":
+            host = self.store.host_record(t.layer, t.expert, t.precision)
+            if host is None:
+                host = aligned_buffer(self.store.padded_bytes(t.precision))
+                self.store.read_into(t.layer, t.expert, t.precision, host)
+            dst[: host.numel()].copy_(host)
+        else:
+            self.store.read_into(t.layer, t.expert, t.precision, dst)
+
+    def close(self) -> None:
+        """Stop the I/O thread, remove hooks; re-raises a pending I/O error."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self.loader.close()
+
+    def __enter__(self) -> OffloadEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
+            return
+        try:  # unwinding already (error or Ctrl-C): stop the thread, keep the original exception
+            self.close()
+        except Exception:
+            pass
+
+    # --- one forward -----------------------------------------------------------------------------
+    def start_forward(self, step: int, phase: str, num_tokens: int) -> None:
+        """Call before each model forward: one prefill of a prompt, or one decode token."""
+        self.step = step
+        self.phase = phase
+        self.ctl.start_forward(step, phase, num_tokens)
+        if self.record_routes:
+            self.routes.append([])
+
+    def _gate_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            self._on_gate_input(layer, args[0])
+        return hook
+
+    def _on_gate_input(self, layer: int, x: torch.Tensor) -> None:
+        """Layer `layer`'s gate input x [.., H] exists: live cross-layer gate -> controller -> prefetches."""
+        start = time.perf_counter()
+        x = x.reshape(-1, x.shape[-1]).float()  # [N, H]
+        num_layers, num_experts = self.spec.num_moe_layers, self.spec.num_experts
+        need = self.ctl.policy.prediction in ("crosslayer", "speculative") or self.record_routes
+        lookahead = None
+        if need:
+            # gates of layers l+1..l+D on this gate input: what Fate's predictor sees [D, N, E]
+            lookahead = np.zeros((self.lookahead, x.shape[0], num_experts), dtype=np.float32)
+            for d in range(1, self.lookahead + 1):
+                if layer + d < num_layers:
+                    lookahead[d - 1] = F.linear(x, self.router_weights[layer + d]).cpu().numpy()
+        self._pending_lookahead[layer] = lookahead
+        probs = None
+        if lookahead is not None:
+            z = lookahead - lookahead.max(axis=-1, keepdims=True)
+            probs = np.exp(z)
+            probs /= probs.sum(axis=-1, keepdims=True)
+        signals = Signals(step=self.step, phase=self.phase, num_tokens=x.shape[0], lookahead_probs=probs)
+        self._report_transfers()
+        for t in self.ctl.on_gate_input(layer, signals):
+            self._submit(t)
+        end = time.perf_counter()
+        self.predictor_s += end - start
+        self.spans.append(Span("predictor", f"predict L{layer}", start, end))
+
+    def _submit(self, t: Transfer) -> Copy:
+        dst = self.slots[t.layer][t.slot]
+        if t.after_transfer is not None:
+            # The slot's previous occupant was evicted while still in flight: drop it if it has not
+            # started; if it has, the single FIFO I/O thread finishes it before this copy begins.
+            old = self._copies.get(t.after_transfer)
+            if old is not None and self.loader.cancel(old):
+                self._forget(t.after_transfer)
+        copy = Copy(t.layer, t.expert, t.precision, dst, t.kind if t.kind == "demand" else "prefetch", tag=t,
+                    slot_free=self.slot_free[t.layer][t.slot])
+        self._copies[t] = copy
+        self._in_flight.append(copy)
+        return self.loader.submit(copy)
+
+    def _forget(self, t: Transfer) -> None:
+        copy = self._copies.pop(t, None)
+        if copy is not None and copy in self._in_flight:
+            self._in_flight.remove(copy)
+
+    def _report_transfers(self) -> None:
+        """Tell the controller which copies started and which landed since the last report."""
+        still = []
+        for copy in self._in_flight:
+            t = copy.tag
+            if copy.cancelled:
+                self._copies.pop(t, None)
+                continue
+            if copy.started_at is not None:
+                self.ctl.on_transfer_started(t)
+            if copy.done and (copy.ready is None or copy.ready.query()):
+                self.ctl.on_transfer_done(t)
+                self._copies.pop(t, None)
+                continue
+            still.append(copy)
+        self._in_flight = still
+
+    def run_experts(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor, act_fn) -> torch.Tensor:
+        """The routed experts of `layer` on hidden [N, H] -> [N, H] (see the module docstring)."""
+        start = time.perf_counter()
+        num_experts = self.spec.num_experts
+        with torch.no_grad():  # the same mask as transformers' eager loop: [E + 1, k, N]
+            expert_mask = F.one_hot(top_k_index, num_classes=num_experts + 1).permute(2, 1, 0)
+        ids, counts = torch.unique(top_k_index, return_counts=True)
+        ids_np, counts_np = ids.cpu().numpy().astype(np.int64), counts.cpu().numpy().astype(np.int64)
+        self._report_transfers()
+        plan = self.ctl.on_route(layer, ids_np, counts_np)
+        self.layer_steps += 1
+        self.max_resident_bytes = max(self.max_resident_bytes, self.ctl.resident_bytes())
+        if self.record_routes:
+            self._record(layer, hidden, top_k_index, top_k_weights)
+        outputs = self._execute(plan, hidden, expert_mask, top_k_weights, act_fn)
+        final = torch.zeros_like(hidden)
+        for expert in sorted(outputs):  # transformers adds expert outputs in ascending id order
+            token_idx, y = outputs[expert]
+            final.index_add_(0, token_idx, y.to(final.dtype))
+        end = time.perf_counter()
+        self.spans.append(Span("compute", f"experts L{layer}", start, end,
+                               {"step": self.step, "hits": len(plan.hits), "loads": len(plan.loads)}))
+        return final
+
+    def _execute(self, plan: LayerPlan, hidden: torch.Tensor, expert_mask: torch.Tensor,
+                 top_k_weights: torch.Tensor, act_fn) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        layer = plan.layer
+        for t in plan.cancelled:
+            copy = self._copies.get(t)
+            if copy is not None and self.loader.cancel(copy):
+                self._forget(t)
+        for t in plan.promoted:
+            copy = self._copies.get(t)
+            if copy is not None:
+                self.loader.promote(copy)
+        deferred: dict[int, list[Transfer]] = {}
+        # an expert of this step whose slot a later load reuses is no longer in the controller's cache
+        slot_of = {t.after_compute: t.slot for t in plan.loads if t.after_compute is not None}
+        for t in plan.loads:  # demand loads go out at once, unless their slot's occupant computes first
+            if t.after_compute is not None:
+                deferred.setdefault(t.after_compute, []).append(t)
+            else:
+                self._submit(t)
+        # speculative execution: a substitute's weights serve the tokens of the routed expert it replaces
+        served_by = {sub: routed for routed, sub in plan.substitutions}
+        outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for expert, _tokens, precision, transfer in plan.gpu_work:
+            if transfer is not None:
+                copy = self._copies.get(transfer)
+                if copy is not None:
+                    waited = self.loader.wait(copy)
+                    self.stall_s += waited
+                    self.stall_s_by_phase[self.phase] += waited
+            slot = transfer.slot if transfer is not None else slot_of.get(expert)
+            if slot is None:
+                slot = self._slot_of(layer, expert)
+            gate_up, down = self._weights(self.slots[layer][slot], precision)
+            routed = served_by.get(expert, expert)
+            outputs[routed] = self._one(hidden, expert_mask[routed], top_k_weights, gate_up, down, act_fn)
+            if self.device.type == "cuda":
+                ev = torch.cuda.Event()
+                ev.record()
+                self.slot_free[layer][slot] = ev
+            for t in deferred.pop(expert, []):
+                self._submit(t)
+        for expert, _tokens in plan.cpu_work:
+            outputs[expert] = self._cpu_expert(layer, expert, hidden, expert_mask[expert], top_k_weights, act_fn)
+        for ts in deferred.values():  # occupants that were not computed after all: release their slots now
+            for t in ts:
+                self._submit(t)
+        return outputs
+
+    def _slot_of(self, layer: int, expert: int) -> int:
+        t = self.ctl.caches[layer].resident.get(expert)
+        if t is None:
+            raise RuntimeError(f"controller planned expert {expert} of layer {layer} but it is not resident")
+        return t.slot
+
+    def _weights(self, record: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+        layout = self.layouts[precision]
+        if layout.group_size == 0:
+            return raw_views(record, layout)  # lossless: compute straight from the slot, no copy
+        return self.dequant[precision].unpack_into(record)
+
+    @staticmethod
+    def _one(hidden: torch.Tensor, mask: torch.Tensor, top_k_weights: torch.Tensor, gate_up: torch.Tensor,
+             down: torch.Tensor, act_fn) -> tuple[torch.Tensor, torch.Tensor]:
+        top_k_pos, token_idx = torch.where(mask)  # mask [k, N]: the same token order as transformers
+        y = expert_forward(hidden[token_idx], gate_up, down, act_fn, top_k_weights[token_idx, top_k_pos, None])
+        return token_idx, y
+
+    def _cpu_expert(self, layer: int, expert: int, hidden: torch.Tensor, mask: torch.Tensor,
+                    top_k_weights: torch.Tensor, act_fn) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compute a missed expert on the CPU from its host-RAM record (Fiddler): nothing is moved."""
+        precision = next(iter(self.layouts)) if "bf16" not in self.layouts else "bf16"
+        record = self.store.host_record(layer, expert, precision)
+        if record is None:
+            raise UserError("CPU execution of missed experts reads them from host RAM; use --store ram")
+        layout = self.layouts[precision]
+        if layout.group_size == 0:
+            gate_up, down = raw_views(record, layout)
+        else:
+            gate_up, down = self.cpu_dequant[precision].unpack_into(record)
+        if self.device.type == "cuda":
+            token_idx, y = self._one(hidden.cpu(), mask.cpu(), top_k_weights.cpu(), gate_up, down, act_fn)
+            return token_idx.to(self.device), y.to(self.device)
+        return self._one(hidden, mask, top_k_weights, gate_up, down, act_fn)
+
+    def _record(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> None:
+        x = hidden.reshape(-1, hidden.shape[-1]).float()
+        logits = F.linear(x, self.router_weights[layer]).cpu().numpy()
+        self.routes[-1].append(RouteRecord(top_k_index.cpu().numpy(), top_k_weights.float().cpu().numpy(),
+                                           logits, self._pending_lookahead[layer]))

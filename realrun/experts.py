@@ -1,0 +1,57 @@
+"""The offloaded experts module: a drop-in for transformers' fused `*Experts` of one MoE layer.
+
+transformers 5.x MoE blocks call `self.experts(hidden_states [N, H], top_k_index [N, k], top_k_weights
+[N, k]) -> [N, H]`. `OffloadedExperts` keeps that signature but holds no weights: it hands the call to the
+engine (`realrun.engine.OffloadEngine.run_experts`), which asks the controller for a plan, waits only for
+experts whose bytes have not landed, and computes each expert from its fast-memory slot.
+
+`expert_forward` is the per-expert arithmetic of transformers' eager experts loop, op for op, so that a
+lossless run reproduces the plain model's outputs bit for bit (tests/realrun/test_engine.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class ExpertRunner(Protocol):
+    def run_experts(self, layer: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor, act_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        ...
+
+
+def expert_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                   act_fn: Callable[[torch.Tensor], torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """One expert on its tokens: x [n, H], gate_up [2I, H], down [H, I], weights [n, 1] -> [n, H].
+
+    Same operations in the same order as transformers' `*Experts.forward` (eager), so equal inputs give
+    bit-equal outputs.
+    """
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each
+    h = act_fn(gate) * up
+    return F.linear(h, down) * weights
+
+
+class OffloadedExperts(nn.Module):
+    """Routed experts of MoE layer `layer` whose weights live in the engine's slow tier and slots."""
+
+    def __init__(self, layer: int, num_experts: int, act_fn: Callable[[torch.Tensor], torch.Tensor],
+                 runner: ExpertRunner) -> None:
+        super().__init__()
+        self.layer = layer
+        """Index of this layer among the MoE layers (the trace's L axis)."""
+        self.num_experts = num_experts
+        self.act_fn = act_fn
+        self._runner = runner  # not a submodule: the engine owns the model, not the other way round
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        return self._runner.run_experts(self.layer, hidden_states, top_k_index, top_k_weights, self.act_fn)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, num_experts={self.num_experts}, offloaded"

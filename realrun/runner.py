@@ -1,0 +1,230 @@
+"""One realrun: load a model, build its slow tier, run prompts greedily under a policy, measure.
+
+`run_realrun(...)` is the library function behind `fatesim realrun`; `greedy_generate` is the one decode
+loop, used for the offloaded model and (in tests and the benchmark) for the plain transformers model, so
+both are timed and compared the same way. Each prompt runs as its own sequence: one prefill forward of
+all its tokens, then one forward per generated token (greedy, KV cache), as the simulator replays it.
+
+Clocks: `time.perf_counter` around each forward, after `torch.cuda.synchronize()` on CUDA (gpt-fast's
+`device_sync` before every clock read). The first prompt's prefill is preceded by one untimed warm-up
+forward of that prompt on the plain model path (allocator, kernels, thread pools), as gpt-fast does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from realrun.quant import ExpertLayout, expert_layout, pack_expert, split_fused
+from realrun.store import DiskStore, RamStore, SlowStore, read_header, write_disk_store
+from sim.modelspec import ModelSpec
+from sim.policies.precision import PrecisionPolicy
+from sim.policies.presets import PolicyConfig
+from traces.errors import UserError
+
+
+@dataclass
+class Generation:
+    """Tokens and clocks of one greedy run over several prompts."""
+
+    generated: list[list[int]] = field(default_factory=list)
+    """Token ids generated for each prompt."""
+    logits: list[torch.Tensor] = field(default_factory=list)
+    """Per prompt [1 + new tokens - 1, V] float32 logits of each step's last position (keep_logits only)."""
+    prefill_s: list[float] = field(default_factory=list)
+    """Seconds of each prompt's prefill forward (= its time to first token)."""
+    decode_s: list[float] = field(default_factory=list)
+    """Seconds of every decode forward, all prompts."""
+    prefill_tokens: int = 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def greedy_generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, device: torch.device, *,
+                    on_forward: Callable[[int, str, int], None] | None = None, keep_logits: bool = False,
+                    progress: Callable[[int], None] | None = None) -> Generation:
+    """Greedy decoding of each prompt separately; `on_forward(step, phase, tokens)` runs before each forward."""
+    from transformers import DynamicCache
+
+    out = Generation()
+    step = 0
+    for prompt in prompts:
+        ids = torch.tensor([prompt], dtype=torch.long, device=device)
+        cache = DynamicCache(config=model.config)
+        new: list[int] = []
+        step_logits = []
+        if on_forward is not None:
+            on_forward(step, "prefill", len(prompt))
+        _sync(device)
+        start = time.perf_counter()
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]  # [1, V]
+        token = int(logits.argmax(-1))  # the host needs the token for the next step anyway
+        _sync(device)
+        out.prefill_s.append(time.perf_counter() - start)
+        out.prefill_tokens += len(prompt)
+        step += 1
+        new.append(token)
+        if keep_logits:
+            step_logits.append(logits[0].float().cpu())
+        if progress is not None:
+            progress(1)
+        for _ in range(max_new_tokens - 1):
+            if on_forward is not None:
+                on_forward(step, "decode", 1)
+            _sync(device)
+            start = time.perf_counter()
+            logits = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache,
+                           use_cache=True).logits[:, -1]
+            token = int(logits.argmax(-1))
+            _sync(device)
+            out.decode_s.append(time.perf_counter() - start)
+            step += 1
+            new.append(token)
+            if keep_logits:
+                step_logits.append(logits[0].float().cpu())
+            if progress is not None:
+                progress(1)
+        out.generated.append(new)
+        if keep_logits:
+            out.logits.append(torch.stack(step_logits))
+    return out
+
+
+# --- slow tier ---------------------------------------------------------------------------------------
+def storage_precisions(policy: PolicyConfig) -> list[str]:
+    """Every precision the policy may load (and CPU execution reads), i.e. what the slow tier must hold."""
+    wanted = list(PrecisionPolicy(policy.precision, policy.int2_rate).storage_precisions())
+    if policy.miss == "lowbit":
+        wanted.append(policy.miss_precision)
+    if policy.miss == "cpu" and "bf16" not in wanted:
+        wanted.append("bf16")
+    return list(dict.fromkeys(wanted))
+
+
+def expert_source(blocks: list[tuple[int, nn.Module]], layouts: dict[str, ExpertLayout], *,
+                  optimize: bool) -> Callable[[int, int, str], torch.Tensor]:
+    """(layer, expert, precision) -> packed record, from the model's fused expert weights."""
+    def source(layer: int, expert: int, precision: str) -> torch.Tensor:
+        experts = blocks[layer][1].experts
+        weights = split_fused(experts.gate_up_proj[expert], experts.down_proj[expert])
+        return pack_expert(weights, layouts[precision], optimize=optimize)
+    return source
+
+
+def weights_fingerprint(spec: ModelSpec, blocks: list[tuple[int, nn.Module]], precisions: list[str],
+                        optimize: bool) -> str:
+    """Identifies the experts' weights (first and last expert of each layer, exactly) and the store options."""
+    h = hashlib.sha256(json.dumps([spec.name, spec.num_moe_layers, spec.num_experts, spec.hidden_size,
+                                   spec.expert_intermediate_size, spec.dtype, precisions, optimize]).encode())
+    for _, block in blocks:
+        for e in (0, spec.num_experts - 1):
+            for w in (block.experts.gate_up_proj[e], block.experts.down_proj[e]):
+                h.update(w.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def build_store(spec: ModelSpec, blocks: list[tuple[int, nn.Module]], precisions: list[str], kind: str,
+                device: torch.device, *, store_path: Path | None = None, optimize: bool = True,
+                progress: Callable[[int], None] | None = None) -> tuple[SlowStore, dict[str, ExpertLayout]]:
+    """The slow tier holding every expert in `precisions`: "ram" (pinned for CUDA) or "disk" at `store_path`.
+
+    A disk store whose header fingerprint matches the weights and options is reused, not rewritten.
+    """
+    layouts = {p: expert_layout(spec, p) for p in precisions}
+    source = expert_source(blocks, layouts, optimize=optimize)
+    if kind == "ram":
+        return RamStore(layouts, spec.num_moe_layers, spec.num_experts, source,
+                        pin_memory=device.type == "cuda"), layouts
+    if kind != "disk":
+        raise UserError(f"unknown store {kind!r}; choose disk or ram")
+    if store_path is None:
+        raise UserError("a disk store needs a file path")
+    fingerprint = weights_fingerprint(spec, blocks, precisions, optimize)
+    reuse = False
+    if store_path.exists():
+        try:
+            reuse = read_header(store_path).get("fingerprint") == fingerprint
+        except UserError:
+            reuse = False
+    if not reuse:
+        write_disk_store(store_path, layouts, spec.num_moe_layers, spec.num_experts, source, fingerprint,
+                         progress=progress)
+    store = DiskStore(store_path)
+    store.attach_layouts(layouts)
+    return store, layouts
+
+
+def expert_budget(total_bytes: int, spec: ModelSpec, kv_tokens: int) -> int:
+    """Bytes left for routed-expert slots: the budget minus non-expert weights, shared experts and KV cache."""
+    resident = spec.resident_bytes(kv_tokens)
+    if total_bytes <= resident:
+        raise UserError(f"memory budget {total_bytes} B does not even hold the non-expert weights, shared experts "
+                        f"and KV cache ({resident} B); raise --memory-budget")
+    return total_bytes - resident
+
+
+def popularity_counts(model: nn.Module, prompts: list[list[int]], device: torch.device,
+                      num_layers: int, num_experts: int) -> np.ndarray:
+    """[L, E] routed-token counts from one untimed prefill of every prompt on the plain model (for the
+    `popularity` allocation, as Fiddler profiles before serving)."""
+    from traces.routercapture import RouterCapture
+
+    counts = np.zeros((num_layers, num_experts), dtype=np.int64)
+    with torch.inference_mode(), RouterCapture(model) as capture:
+        for prompt in prompts:
+            model(input_ids=torch.tensor([prompt], device=device))
+            for layer, calls in enumerate(capture.calls):
+                for call in calls:
+                    counts[layer] += np.bincount(call.ids.cpu().numpy().ravel(), minlength=num_experts)
+            capture.clear()
+    return counts
+
+
+def metrics(*, gen: Generation, stats: dict, num_layers: int, stall_s: float, io_busy_s: float, wall_s: float,
+            layer_steps: int, policy: PolicyConfig, budget_bytes: int, profile: str, model: str,
+            trace_hash: str | None) -> dict[str, Any]:
+    """The DESIGN §7 metrics JSON (the keys `fatesim replay` emits), from one run's clocks and counters."""
+    prefill_s, decode_s = sum(gen.prefill_s), sum(gen.decode_s)
+    routed = stats["hits"] + stats["misses"]
+    used_bytes = stats["bytes_prefetch_used"]
+    return {
+        "prefill_tokens_per_s": gen.prefill_tokens / prefill_s if prefill_s else 0.0,
+        "decode_tokens_per_s": len(gen.decode_s) / decode_s if decode_s else 0.0,
+        "ttft_s": float(np.mean(gen.prefill_s)) if gen.prefill_s else 0.0,
+        "tpot_s": float(np.mean(gen.decode_s)) if gen.decode_s else 0.0,
+        "hit_rate": stats["hits"] / routed if routed else 0.0,
+        "hit_rate_per_layer": [h / r if r else 0.0
+                               for h, r in zip(stats["hits_per_layer"], stats["routed_per_layer"], strict=True)],
+        "prefetch_precision": (stats["prefetches_used"] / stats["prefetches_issued"]
+                               if stats["prefetches_issued"] else 0.0),
+        "prefetch_recall": (stats["prefetch_covered"] / stats["routed_predictable"]
+                            if stats["routed_predictable"] else 0.0),
+        "bytes_transferred": {
+            "on_demand": stats["bytes_on_demand"],
+            "prefetch_used": used_bytes,
+            "prefetch_wasted": stats["bytes_prefetched"] - used_bytes,
+            "total": stats["bytes_on_demand"] + stats["bytes_prefetched"],
+        },
+        "gpu_stall_s": stall_s,
+        "link_busy_fraction": io_busy_s / wall_s if wall_s else 0.0,
+        "layer_steps": layer_steps,
+        "policy": policy.name,
+        "policy_components": policy.components(),
+        "memory_budget_bytes": budget_bytes,
+        "profile": profile,
+        "model": model,
+        "trace_hash": trace_hash,
+    }
