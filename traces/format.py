@@ -119,7 +119,10 @@ class TraceModelConfig:
 
 @dataclass(frozen=True, eq=False)
 class Trace:
-    """One routing trace. Arrays may be read-only memory maps; see the module docstring for the letters."""
+    """One routing trace. Arrays may be read-only memory maps; see the module docstring for the letters.
+
+    Not comparable with `==` (arrays); compare `content_hash()` or the fields.
+    """
 
     model: str
     """Model name (HF id) or path it was recorded from / imported for."""
@@ -322,6 +325,12 @@ def _validate_shapes(trace: Trace, cfg: TraceModelConfig) -> dict[str, int]:
     return dims
 
 
+def _all_finite(array: np.ndarray, chunk_elements: int = 1 << 24) -> bool:
+    """np.isfinite(array).all() in chunks, so a GB-sized memory map needs no GB-sized temporary."""
+    flat = array.reshape(-1)
+    return all(np.isfinite(flat[i:i + chunk_elements]).all() for i in range(0, flat.size, chunk_elements))
+
+
 def _validate_values(trace: Trace, dims: dict[str, int]) -> None:
     ids = trace.topk_ids
     lo, hi = int(ids.min()), int(ids.max())
@@ -337,7 +346,7 @@ def _validate_values(trace: Trace, dims: dict[str, int]) -> None:
                              f"MoE layer {dup[0][1]})")
     for name in ("topk_weights", "router_logits", "lookahead_logits", "gate_inputs"):
         array = getattr(trace, name)
-        if array is not None and name != "lookahead_logits" and not np.isfinite(array).all():
+        if array is not None and not _all_finite(array):
             raise TraceError(f"tensor {name} has non-finite values (nan or inf)")
     if int(trace.token_ids.min()) < -1:
         raise TraceError("tensor token_ids has values below -1 (use -1 for unknown tokens)")

@@ -354,3 +354,20 @@ def test_write_into_missing_folder(tmp_path: Path, rng) -> None:
     """Writing into a folder that does not exist is a UserError, not a traceback."""
     with pytest.raises(UserError, match="does not exist"):
         write_trace(make_trace(rng), tmp_path / "no" / "t.safetensors")
+
+
+def test_non_finite_values_and_token_ids(rng) -> None:
+    """NaN gate weights, inf look-ahead logits and token ids below -1 are refused."""
+    trace = make_trace(rng)
+    weights = trace.topk_weights.copy()
+    weights[1, 2, 0] = np.nan
+    with pytest.raises(TraceError, match="tensor topk_weights has non-finite values"):
+        validate_trace(dataclasses.replace(trace, topk_weights=weights))
+    look = trace.lookahead_logits.copy()
+    look[1, 0, 0, 0] = np.inf
+    with pytest.raises(TraceError, match="tensor lookahead_logits has non-finite values"):
+        validate_trace(dataclasses.replace(trace, lookahead_logits=look))
+    tokens = trace.token_ids.copy()
+    tokens[0] = -2
+    with pytest.raises(TraceError, match="token_ids has values below -1"):
+        validate_trace(dataclasses.replace(trace, token_ids=tokens))
