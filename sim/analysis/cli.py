@@ -1,0 +1,191 @@
+"""Commands of sim.analysis: `analyze lrc|predictors`, `train-estimator`, `sweep`, `plot`, `plan`.
+
+Each command parses its options and calls one library function; errors in user input are `UserError`s,
+which the CLI root turns into one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from traces.errors import UserError
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated integers such as 4,16,64, got {text!r}") from None
+    if not values:
+        raise UserError(f"{what} is empty")
+    return values
+
+
+def _float_list(text: str, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated numbers such as 1,2,3, got {text!r}") from None
+    if not values:
+        raise UserError(f"{what} is empty")
+    return values
+
+
+def _read(path: str):
+    from traces.format import read_trace
+
+    return read_trace(path)
+
+
+def _write_json(data: dict, out: str | None) -> None:
+    text = json.dumps(data, indent=2, sort_keys=False)
+    if out is None:
+        click.echo(text)
+        return
+    from traces.atomic import atomic_output
+
+    with atomic_output(out) as tmp:
+        tmp.write_text(text + "\n")
+
+
+@click.group()
+def analyze() -> None:
+    """Routing analyses of a trace: local routing consistency, predictor accuracy."""
+
+
+@analyze.command("lrc")
+@click.option("--trace", "trace_path", required=True, help="Trace file (.safetensors).")
+@click.option("--m", "m_text", default="16", show_default=True,
+              help="Window lengths in tokens, comma-separated (e.g. 4,16,64,256).")
+@click.option("--rho", "rho_text", default="2", show_default=True,
+              help="Cache sizes as multiples of top-k (rho*k slots per layer), comma-separated.")
+@click.option("--no-baselines", is_flag=True, help="Skip the LRU, LFU and Belady hit rates.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
+@click.option("--out", default=None, help="Write the JSON report to this file.")
+def lrc(trace_path: str, m_text: str, rho_text: str, no_baselines: bool, as_json: bool, out: str | None) -> None:
+    """Local routing consistency (SRP, SCH; Liang et al.) per MoE layer and for the model, with LRU, LFU
+    and Belady hit rates at the same cache sizes. Values in the table are percent; in JSON, fractions."""
+    from sim.analysis.lrc import format_lrc, trace_lrc
+
+    report = trace_lrc(_read(trace_path), ms=_int_list(m_text, "--m"), rhos=_float_list(rho_text, "--rho"),
+                       baselines=not no_baselines)
+    if out is not None:
+        _write_json(report, out)
+    if as_json:
+        _write_json(report, None)
+    else:
+        click.echo(format_lrc(report))
+
+
+@analyze.command("predictors")
+@click.option("--trace", "trace_path", required=True, help="Trace file (.safetensors).")
+@click.option("--threshold", default=None, type=float,
+              help="Confidence threshold tau on predictor scores (probabilities) [default: 0.1].")
+@click.option("--estimator", "estimator_path", default=None,
+              help="A trained estimator (.safetensors) to evaluate; default: train one on the library half.")
+@click.option("--depth", default=2, show_default=True, type=int, help="Layers ahead for a freshly trained estimator.")
+@click.option("--predictor", "families", multiple=True,
+              help="Restrict to these families (gate, path, popularity, learned, oracle); repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
+@click.option("--out", default=None, help="Write the JSON report to this file.")
+def predictors(trace_path: str, threshold: float | None, estimator_path: str | None, depth: int,
+               families: tuple[str, ...], as_json: bool, out: str | None) -> None:
+    """Per-layer precision and recall of each expert predictor (top-k and at a confidence threshold,
+    prefill and decode apart), adjacent-layer gate-input cosine similarity and popularity skew."""
+    from sim.analysis.estimator import load_estimator
+    from sim.analysis.predictors import DEFAULT_THRESHOLD, format_predictors, predictor_report
+
+    estimator = load_estimator(estimator_path) if estimator_path else None
+    report = predictor_report(_read(trace_path), threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
+                              estimator=estimator, estimator_depth=depth, predictors=list(families) or None)
+    if out is not None:
+        _write_json(report, out)
+    if as_json:
+        _write_json(report, None)
+    else:
+        click.echo(format_predictors(report))
+
+
+@click.command("train-estimator")
+@click.option("--trace", "trace_path", required=True, help="Training trace, recorded with gate inputs.")
+@click.option("--out", required=True, help="Where to write the estimator (.safetensors).")
+@click.option("--depth", default=2, show_default=True, type=int, help="Layers ahead to predict (D).")
+@click.option("--steps", default=300, show_default=True, type=int, help="Full-batch Adam steps.")
+@click.option("--eval-trace", default=None, help="Evaluate on this trace afterwards (same model).")
+def train_estimator(trace_path: str, out: str, depth: int, steps: int, eval_trace: str | None) -> None:
+    """Train the learned expert estimator (per-layer linear heads on gate inputs) and save it."""
+    from sim.analysis.estimator import save_estimator
+    from sim.analysis.estimator import train_estimator as train
+    from sim.analysis.predictors import format_predictors, predictor_report
+
+    if steps < 1:
+        raise UserError(f"--steps must be >= 1, got {steps}")
+    trace = _read(trace_path)
+    estimator = train(trace, depth=depth, steps=steps)
+    save_estimator(estimator, out)
+    meta = estimator.metadata
+    click.echo(f"trained on {meta['train_tokens']} tokens of {meta['model']} ({meta['num_layers']} MoE layers, "
+               f"depth {depth}, {steps} steps, final loss {meta['final_loss']:.4f}) -> {out}")
+    if eval_trace is not None:
+        report = predictor_report(_read(eval_trace), estimator=estimator,
+                                  predictors=["learned", "popularity", "oracle"])
+        click.echo(format_predictors(report).split("\n\n")[0])
+
+
+@click.command("sweep")
+@click.option("--trace", "trace_path", required=True, help="Trace file to replay.")
+@click.option("--grid", required=True, help="Grid TOML (policy, budget, profile, link_bandwidth, as_model, [set]).")
+@click.option("--out", required=True, help="Results file, .csv or .parquet.")
+@click.option("--workers", default=1, show_default=True, type=int, help="Local worker processes.")
+@click.option("--ray", "ray_address", default=None,
+              help="Run on a Ray cluster at this address (host:port, ray://host:port, auto, or 'local').")
+@click.option("--cache-dir", default=None, help="Result cache folder [default: .sweep-cache beside --out].")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def sweep(trace_path: str, grid: str, out: str, workers: int, ray_address: str | None, cache_dir: str | None,
+          no_progress: bool) -> None:
+    """Replay the cartesian product of a grid; only configurations not in the cache are computed."""
+    from sim.analysis.sweep import sweep as run
+
+    outcome = run(trace_path, grid, out, workers=workers, ray_address=ray_address, cache_dir=cache_dir,
+                  progress=not no_progress)
+    click.echo(f"{len(outcome.rows)} configurations: {outcome.computed} computed, {outcome.cached} from cache, "
+               f"{len(outcome.failed)} failed -> {out}")
+    for config, error in outcome.failed:
+        extra = ", ".join(f"{k}={v}" for k, v in config.overrides)
+        click.echo(f"failed: policy={config.policy} budget={config.budget} profile={config.profile}"
+                   f"{' ' + extra if extra else ''}: {error}", err=True)
+
+
+@click.command("plot")
+@click.argument("results", required=False)
+@click.option("--out", required=True, help="Folder for the PNG files (created if missing).")
+@click.option("--timeline", default=None, help="A Chrome trace-event timeline (from `fatesim replay --timeline`).")
+@click.option("--window-ms", default=None, type=float, help="Length of the timeline excerpt in ms [default: 5% of the run].")
+def plot(results: str | None, out: str, timeline: str | None, window_ms: float | None) -> None:
+    """PNG plots: throughput vs budget per policy, hit rate per layer, timeline excerpt."""
+    from sim.analysis.plot import plot_results
+
+    for path in plot_results(results, out, timeline=timeline,
+                             window_s=None if window_ms is None else window_ms / 1e3):
+        click.echo(str(path))
+
+
+@click.command("plan")
+@click.option("--model", required=True, help="Model spec name (see `fatesim replay --help`), e.g. qwen1.5-moe-a2.7b.")
+@click.option("--hw", required=True, help="Hardware profile name or .toml file.")
+@click.option("--target-decode", default=None, type=float, help="Decode throughput to reach, tokens/s.")
+@click.option("--budget", default=None, help="Instead: the fast-memory budget (e.g. 12GiB or 25%) to get the best policy for.")
+@click.option("--trace", "trace_path", default=None, help="Routing trace [default: a traces/data trace of the same structure].")
+@click.option("--policy", "policies", multiple=True, help="Consider only these presets; repeatable [default: all but oracle].")
+def plan(model: str, hw: str, target_decode: float | None, budget: str | None, trace_path: str | None,
+         policies: tuple[str, ...]) -> None:
+    """Smallest budget and policy meeting a decode target, or the best policy at a budget."""
+    from sim.analysis.plan import plan as run
+
+    result = run(model, hw, target_decode=target_decode, budget=budget, trace=trace_path,
+                 policies=list(policies) or None)
+    click.echo(result.answer)
+    click.echo("")
+    click.echo(result.table())

@@ -1,0 +1,241 @@
+"""PNG figures from sweep results and timelines (matplotlib, Agg backend: no display needed).
+
+* `throughput_vs_budget[-<profile>].png`: decode and prefill tokens/s against the fast-memory budget, one
+  line per policy (and per value of any other swept key), like the Fate paper's figures.
+* `hit_rate_per_layer[-<profile>].png`: expert hit rate per MoE layer, one line per policy, one panel per
+  budget (at most four budgets, spread over the swept range).
+* `timeline.png`: a Gantt excerpt of a Chrome trace-event timeline (`fatesim replay --timeline`): one row
+  per track (GPU stream, copy engine, CPU thread), the first `window_s` seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from traces.atomic import atomic_output
+from traces.errors import UserError
+
+_CONFIG_KEYS = ("profile", "link_bandwidth_bytes_per_s", "as_model")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def _varying(rows: list[dict], keys: Sequence[str]) -> list[str]:
+    return [k for k in keys if len({str(r.get(k)) for r in rows}) > 1]
+
+
+def _label(row: dict, extra: Sequence[str]) -> str:
+    parts = [str(row["policy"])]
+    for key in extra:
+        value = row.get(key)
+        if key == "link_bandwidth_bytes_per_s":
+            parts.append("link=profile" if value in (None, "") else f"link={float(value) / 1e9:g}GB/s")
+        else:
+            parts.append(f"{key.removeprefix('set.')}={value}")
+    return ", ".join(parts)
+
+
+def _budget_gib(row: dict) -> float:
+    value = row.get("memory_budget_bytes")
+    if value in (None, ""):
+        raise UserError("results lack memory_budget_bytes; plot needs rows written by `fatesim sweep`")
+    return float(value) / 2**30
+
+
+def _ok_rows(rows: list[dict]) -> list[dict]:
+    ok = [r for r in rows if r.get("status", "ok") == "ok"]
+    if not ok:
+        raise UserError("the results hold no successful configuration to plot")
+    return ok
+
+
+def _by_profile(rows: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[str(r.get("profile", ""))].append(r)
+    return dict(groups)
+
+
+def plot_throughput(rows: list[dict], out_dir: Path) -> list[Path]:
+    """Decode and prefill tokens/s vs budget (GiB), a line per policy (+ varying keys); one PNG per profile."""
+    plt = _pyplot()
+    rows = _ok_rows(rows)
+    groups = _by_profile(rows)
+    paths = []
+    for profile, prow in groups.items():
+        extra = _varying(prow, [k for k in _CONFIG_KEYS if k != "profile"] +
+                         sorted({k for r in prow for k in r if k.startswith("set.")}))
+        lines: dict[str, list[dict]] = defaultdict(list)
+        for r in prow:
+            lines[_label(r, extra)].append(r)
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for ax, metric, title in ((axes[0], "decode_tokens_per_s", "Decode"),
+                                  (axes[1], "prefill_tokens_per_s", "Prefill")):
+            for label, lrows in sorted(lines.items()):
+                pts = sorted((_budget_gib(r), float(r[metric])) for r in lrows if r.get(metric) not in (None, ""))
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            ax.set_xlabel("fast-memory budget (GiB)")
+            ax.set_ylabel("tokens / s")
+            ax.set_title(f"{title} throughput")
+            ax.grid(True, alpha=0.3)
+            ax.set_ylim(bottom=0)
+        axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        model = prow[0].get("model", "")
+        fig.suptitle(f"{model} on {profile}".strip(), y=1.02)
+        name = "throughput_vs_budget" + (f"-{profile}" if len(groups) > 1 else "") + ".png"
+        paths.append(_save(fig, out_dir / name))
+    return paths
+
+
+def _per_layer(row: dict) -> list[float] | None:
+    value = row.get("hit_rate_per_layer")
+    if value in (None, ""):
+        return None
+    return json.loads(value) if isinstance(value, str) else list(value)
+
+
+def plot_hit_rate_per_layer(rows: list[dict], out_dir: Path) -> list[Path]:
+    """Hit rate per MoE layer, a line per policy, one panel per budget (<= 4); one PNG per profile."""
+    plt = _pyplot()
+    rows = [r for r in _ok_rows(rows) if _per_layer(r) is not None]
+    if not rows:
+        return []
+    groups = _by_profile(rows)
+    paths = []
+    for profile, prow in groups.items():
+        budgets = sorted({_budget_gib(r) for r in prow})
+        if len(budgets) > 4:
+            budgets = [budgets[round(i * (len(budgets) - 1) / 3)] for i in range(4)]
+        extra = _varying(prow, [k for k in _CONFIG_KEYS if k != "profile"] +
+                         sorted({k for r in prow for k in r if k.startswith("set.")}))
+        fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.8), squeeze=False, sharey=True)
+        for ax, budget in zip(axes[0], budgets, strict=True):
+            for r in sorted((r for r in prow if _budget_gib(r) == budget), key=lambda r: _label(r, extra)):
+                per_layer = _per_layer(r)
+                ax.plot(range(len(per_layer)), [100 * v for v in per_layer], marker=".", label=_label(r, extra))
+            ax.set_title(f"budget {budget:.2f} GiB")
+            ax.set_xlabel("MoE layer")
+            ax.grid(True, alpha=0.3)
+            ax.set_ylim(0, 101)
+        axes[0][0].set_ylabel("expert hit rate (%)")
+        axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        fig.suptitle(f"{prow[0].get('model', '')} on {profile}: hit rate per layer".strip(), y=1.03)
+        name = "hit_rate_per_layer" + (f"-{profile}" if len(groups) > 1 else "") + ".png"
+        paths.append(_save(fig, out_dir / name))
+    return paths
+
+
+def read_timeline(path: str | os.PathLike[str]) -> tuple[dict[tuple, str], list[dict]]:
+    """(track names by (pid, tid), complete events with ts/dur in µs) of a Chrome trace-event JSON file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"timeline file {path} does not exist; write one with `fatesim replay --timeline`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"timeline {path} is not JSON: {error}") from None
+    events = data.get("traceEvents") if isinstance(data, dict) else data
+    if not isinstance(events, list):
+        raise UserError(f"timeline {path} is not a Chrome trace (no traceEvents list)")
+    names: dict[tuple, str] = {}
+    process: dict[Any, str] = {}
+    spans = []
+    for e in events:
+        if not isinstance(e, dict):
+            continue
+        if e.get("ph") == "M" and e.get("name") == "thread_name":
+            names[(e.get("pid"), e.get("tid"))] = str(e.get("args", {}).get("name", e.get("tid")))
+        elif e.get("ph") == "M" and e.get("name") == "process_name":
+            process[e.get("pid")] = str(e.get("args", {}).get("name", e.get("pid")))
+        elif e.get("ph") == "X" and "ts" in e:
+            spans.append(e)
+    for key in {(e.get("pid"), e.get("tid")) for e in spans}:
+        if key not in names:
+            names[key] = f"{process.get(key[0], key[0])}/{key[1]}"
+    return names, spans
+
+
+def plot_timeline(path: str | os.PathLike[str], out_dir: Path, window_s: float | None = None,
+                  start_s: float = 0.0) -> Path:
+    """Gantt of the timeline's spans from `start_s` (after the first event) for `window_s` seconds
+    (default: the first 5% of the run, at least 20 events' worth)."""
+    plt = _pyplot()
+    from matplotlib.patches import Patch
+
+    names, spans = read_timeline(path)
+    if not spans:
+        raise UserError(f"timeline {path} has no complete ('X') events to draw")
+    t0 = min(float(e["ts"]) for e in spans)
+    t_end = max(float(e["ts"]) + float(e.get("dur", 0)) for e in spans)
+    if window_s is None:
+        window_s = max((t_end - t0) * 1e-6 * 0.05, 1e-6)
+        ordered = sorted(float(e["ts"]) for e in spans)
+        window_s = max(window_s, (ordered[min(len(ordered) - 1, 40)] - t0) * 1e-6)
+    lo = t0 + start_s * 1e6
+    hi = lo + window_s * 1e6
+    tracks = sorted(names, key=lambda k: (str(names[k]).lower().startswith("cpu"), str(names[k])))
+    row_of = {k: i for i, k in enumerate(tracks)}
+    cmap = plt.get_cmap("tab10")
+    kinds: dict[str, Any] = {}
+    fig, ax = plt.subplots(figsize=(12, 0.55 * len(tracks) + 1.6))
+    for e in spans:
+        ts, dur = float(e["ts"]), float(e.get("dur", 0))
+        if ts + dur < lo or ts > hi:
+            continue
+        kind = str(e.get("cat") or str(e.get("name", "")).split(" ")[0])
+        if kind not in kinds:
+            kinds[kind] = cmap(len(kinds) % 10)
+        y = row_of[(e.get("pid"), e.get("tid"))]
+        x0, x1 = max(ts, lo), min(ts + dur, hi)
+        ax.barh(y, (x1 - x0) / 1e3, left=(x0 - t0) / 1e3, height=0.7, color=kinds[kind], edgecolor="none")
+    ax.set_yticks(range(len(tracks)))
+    ax.set_yticklabels([names[k] for k in tracks])
+    ax.invert_yaxis()
+    ax.set_xlim((lo - t0) / 1e3, (hi - t0) / 1e3)
+    ax.set_xlabel("time (ms)")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(handles=[Patch(color=c, label=k) for k, c in kinds.items()], fontsize=8, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(f"timeline excerpt: {window_s * 1e3:.2f} ms from t = {start_s * 1e3:.2f} ms ({Path(path).name})")
+    return _save(fig, out_dir / "timeline.png")
+
+
+def plot_results(results: str | os.PathLike[str] | None, out_dir: str | os.PathLike[str],
+                 timeline: str | os.PathLike[str] | None = None, window_s: float | None = None) -> list[Path]:
+    """`fatesim plot`: every figure the inputs allow, into `out_dir` (created if missing); returns the paths."""
+    from sim.analysis.sweep import read_results
+
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create output folder {out}: {error.strerror}") from None
+    if results is None and timeline is None:
+        raise UserError("give a results file (from `fatesim sweep`), a --timeline file, or both")
+    paths: list[Path] = []
+    if results is not None:
+        rows = read_results(results)
+        paths += plot_throughput(rows, out)
+        paths += plot_hit_rate_per_layer(rows, out)
+    if timeline is not None:
+        paths.append(plot_timeline(timeline, out, window_s=window_s))
+    return paths
