@@ -109,7 +109,7 @@ class LayerPlan:
 class _LayerCache:
     """One layer's slots: expert -> the Transfer that brought it (state DONE once landed)."""
 
-    __slots__ = ("slots", "resident", "free", "pinned", "pending", "policy")
+    __slots__ = ("slots", "resident", "free", "pinned", "pending", "selected", "policy")
 
     def __init__(self, slots: int, policy) -> None:
         self.slots = slots
@@ -119,6 +119,8 @@ class _LayerCache:
         self.pinned: set[int] = set()
         self.pending: dict[int, Transfer] = {}
         """Prefetches issued for this layer's next route, by expert."""
+        self.selected: set[int] = set()
+        """Experts the prefetch policy picked for this layer's next route (resident ones included)."""
         self.policy = policy
 
 
@@ -206,6 +208,7 @@ class OffloadController:
         for target, items in by_layer.items():
             cache = self.caches[target]
             wanted = {e for e, _ in items}
+            cache.selected |= wanted
             items = [(e, s) for e, s in items if e not in cache.resident]
             if not items:
                 continue
@@ -234,7 +237,6 @@ class OffloadController:
             if expert in counts:
                 t.used = True
                 st["prefetches_used"] += 1
-                st["prefetch_covered"] += 1 if layer > 0 else 0
                 if t.state == DONE:
                     st["bytes_prefetch_used"] += t.nbytes
                 elif t.state == QUEUED:
@@ -247,6 +249,10 @@ class OffloadController:
             else:
                 spare.append(expert)
         cache.pending = {}
+        if cache.selected:
+            st["prefetch_selected"] += len(cache.selected)
+            st["prefetch_covered"] += sum(1 for e in cache.selected if e in counts)
+            cache.selected = set()
         hits = [e for e in ids if e in cache.resident]
         misses = [e for e in ids if e not in cache.resident]
         st["hits"] += len(hits)
@@ -351,6 +357,6 @@ def _new_stats(num_layers: int) -> dict:
     return {
         "hits": 0, "misses": 0, "hits_per_layer": [0] * num_layers, "routed_per_layer": [0] * num_layers,
         "routed_predictable": 0, "prefetches_issued": 0, "prefetches_used": 0, "prefetches_cancelled": 0,
-        "prefetch_covered": 0, "evictions": 0, "bytes_on_demand": 0, "bytes_prefetched": 0,
+        "prefetch_covered": 0, "prefetch_selected": 0, "evictions": 0, "bytes_on_demand": 0, "bytes_prefetched": 0,
         "bytes_prefetch_used": 0,
     }

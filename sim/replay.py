@@ -1,0 +1,126 @@
+"""`replay`: a trace under a policy, a memory budget and a machine -> the DESIGN §7 metrics JSON.
+
+    result = replay("mini.safetensors", policy="fate", hw="rtx3090-pcie3", memory_budget="25%")
+
+`replay_many` runs many configurations on one loaded trace, sharing the parsed trace, its forward steps,
+the future-access index and the content hash (what a sweep needs).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sim.costs import CostModel
+from sim.engine import Engine
+from sim.hardware import HardwareProfile, load_profile
+from sim.metrics import compute_metrics
+from sim.modelspec import ModelSpec, check_same_structure, get_model_spec
+from sim.policies.controller import OffloadController
+from sim.policies.prediction import NEEDS_LOOKAHEAD
+from sim.policies.presets import PolicyConfig, build_policy
+from sim.timeline import write_timeline
+from sim.units import format_bytes, parse_budget
+from sim.workload import Workload, build_workload
+from traces.errors import UserError
+from traces.format import Trace, read_trace
+
+
+@dataclass(frozen=True)
+class LoadedTrace:
+    """A trace prepared once for any number of replays."""
+
+    trace: Trace
+    workload: Workload
+    trace_hash: str
+
+
+def load(trace: Trace | str | os.PathLike[str] | LoadedTrace) -> LoadedTrace:
+    """Read (if a path) and prepare a trace for replays."""
+    if isinstance(trace, LoadedTrace):
+        return trace
+    if not isinstance(trace, Trace):
+        trace = read_trace(trace)
+    return LoadedTrace(trace, build_workload(trace), trace.content_hash())
+
+
+def resolve_spec(trace: Trace, as_model: str | None) -> ModelSpec:
+    """The trace's own model spec, or `as_model`'s when its routing structure matches the trace."""
+    if as_model is None:
+        return ModelSpec.from_trace(trace)
+    spec = get_model_spec(as_model)
+    check_same_structure(spec, trace)
+    return spec
+
+
+def replay(trace: Trace | str | os.PathLike[str] | LoadedTrace, policy: str | PolicyConfig = "fate",
+           hw: str | Path | HardwareProfile = "rtx3090-pcie3", memory_budget: str | int = "25%",
+           as_model: str | None = None, overrides: dict[str, Any] | None = None,
+           timeline: str | Path | None = None, *, mode: str = "fast",
+           score_fn: Callable[[int, Any], np.ndarray] | None = None) -> dict[str, Any]:
+    """Replay `trace` and return the metrics JSON (keys in sim.metrics.METRIC_KEYS plus the inputs).
+
+    policy: a preset name (with `overrides`, as `--set`) or a built PolicyConfig; hw: a profile name, TOML
+    path or profile; memory_budget: total fast memory ("6GiB", "25%", or int bytes); as_model: replay
+    with another model's shapes; timeline: write a Chrome trace-event JSON there; mode: "fast" or
+    "simpy" (same results, see sim/engine.py); score_fn: the learned predictor's scores.
+    """
+    loaded = load(trace)
+    trace_obj, workload = loaded.trace, loaded.workload
+    spec = resolve_spec(trace_obj, as_model)
+    profile = hw if isinstance(hw, HardwareProfile) else load_profile(hw)
+    config = policy if isinstance(policy, PolicyConfig) else build_policy(policy, overrides)
+    if config.prediction in NEEDS_LOOKAHEAD and workload.lookahead_probs is None and config.prefetch != "none":
+        raise UserError(f"policy {config.name!r} predicts with look-ahead logits, which trace {trace_obj.model} lacks; "
+                        "use --set prediction=eap (or none), or record the trace with look-ahead logits")
+    budget_bytes = (int(memory_budget) if isinstance(memory_budget, (int, np.integer))
+                    else parse_budget(str(memory_budget), spec, kv_tokens=workload.max_context))
+    resident = spec.resident_bytes(workload.max_context)
+    expert_budget = budget_bytes - resident
+    slot_need = spec.num_moe_layers * spec.top_k
+    if expert_budget < spec.top_k * spec.expert_bytes("int2"):
+        raise UserError(f"memory budget {format_bytes(budget_bytes)} is below the non-expert weights, shared experts "
+                        f"and KV cache ({format_bytes(resident)}) plus one layer's top-{spec.top_k} experts; "
+                        f"raise --memory-budget (a percentage such as 25% is relative to the routed experts)")
+    try:
+        ctl = OffloadController(spec, config, expert_budget, hw=profile, future=workload.future,
+                                popularity=workload.popularity, score_fn=score_fn)
+    except UserError as error:
+        if "expert slots" not in str(error):
+            raise
+        need = resident + slot_need * spec.expert_bytes("bf16")
+        raise UserError(f"memory budget {format_bytes(budget_bytes)} leaves room for fewer than top-{spec.top_k} "
+                        f"experts in each of the {spec.num_moe_layers} MoE layers under {config.name!r}; raise "
+                        f"--memory-budget to at least {format_bytes(need)} (bf16 slots)") from None
+    engine = Engine(workload, ctl, CostModel(spec, profile), record=timeline is not None)
+    result = engine.run(mode)
+    metrics = compute_metrics(
+        phases=[s.phase for s in workload.steps], num_tokens=[s.num_tokens for s in workload.steps],
+        step_start_at=result.step_start_at, step_end_at=result.step_end_at, stats=ctl.stats,
+        gpu_stall_s=result.gpu_stall_s, link_busy_s=result.link_busy_s, makespan_s=result.makespan_s,
+        copy_engines=result.copy_engines, num_layers=workload.num_layers)
+    if timeline is not None:
+        write_timeline(result, timeline)
+    metrics.update({
+        "policy": config.name,
+        "policy_components": config.components(),
+        "memory_budget_bytes": budget_bytes,
+        "expert_budget_bytes": expert_budget,
+        "slots_per_layer": ctl.slots_per_layer,
+        "profile": profile.name,
+        "model": spec.name,
+        "trace_hash": loaded.trace_hash,
+    })
+    return metrics
+
+
+def replay_many(trace: Trace | str | os.PathLike[str] | LoadedTrace,
+                configs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Replay one trace under many configurations (each a dict of `replay`'s keyword arguments)."""
+    loaded = load(trace)
+    return [replay(loaded, **config) for config in configs]

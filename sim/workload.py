@@ -1,0 +1,101 @@
+"""A trace turned into forward steps: what the engine replays, computed once per trace.
+
+A forward step is one prefill chunk (all prompt tokens of a sequence, processed together per layer) or
+one decode token. Sequences run one after another (batch size 1), in the trace's storage order. For each
+step and MoE layer we keep the distinct routed experts and how many of the step's tokens each received;
+an expert's compute time depends on that count. The look-ahead logits become probabilities once here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sim.policies.eviction import FutureAccess
+
+
+@dataclass(frozen=True)
+class Step:
+    """One forward step."""
+
+    index: int
+    seq_id: int
+    phase: str
+    """"prefill" or "decode"."""
+    token_start: int
+    """First trace position of the step."""
+    num_tokens: int
+    context: int
+    """KV positions each token of the step attends to at most (positions before it plus itself)."""
+    routes: tuple[tuple[np.ndarray, np.ndarray], ...]
+    """routes[l] = (expert ids ascending, token counts) of MoE layer l."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """All forward steps of a trace plus what the policies derive from it."""
+
+    steps: tuple[Step, ...]
+    num_layers: int
+    num_experts: int
+    top_k: int
+    popularity: np.ndarray
+    """[L, E] tokens routed to each expert over the whole trace (the profiling pass of static pinning)."""
+    lookahead_probs: np.ndarray | None
+    """[D, T, L, E] float32 softmax over E of the look-ahead logits, or None."""
+    future: FutureAccess
+    max_context: int
+    """Longest sequence (KV-cache tokens the budget must hold)."""
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float32)
+    x -= x.max(axis=-1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=-1, keepdims=True)
+    return x
+
+
+def build_workload(trace) -> Workload:
+    """The forward steps of `trace` (a traces.format.Trace)."""
+    topk = np.asarray(trace.topk_ids).astype(np.int64)  # [T, L, k]
+    num_tokens, num_layers, _ = topk.shape
+    num_experts = int(trace.model_config.num_experts)
+    is_prefill = np.asarray(trace.is_prefill)
+    seq_ids = np.asarray(trace.seq_ids)
+    positions = np.asarray(trace.positions)
+    steps: list[Step] = []
+    decode_sorted = np.sort(topk, axis=2)  # [T, L, k]
+    ones = np.ones(topk.shape[2], dtype=np.int64)
+    max_context = 0
+    for sl in trace.sequence_slices():
+        seq = int(seq_ids[sl.start])
+        n_prefill = int(np.count_nonzero(is_prefill[sl]))
+        start_pos = int(positions[sl.start])
+        max_context = max(max_context, start_pos + sl.stop - sl.start)
+        if n_prefill:
+            routes = []
+            block = topk[sl.start:sl.start + n_prefill]  # [n, L, k]
+            for layer in range(num_layers):
+                ids, counts = np.unique(block[:, layer, :], return_counts=True)
+                routes.append((ids, counts))
+            steps.append(Step(len(steps), seq, "prefill", sl.start, n_prefill, start_pos + n_prefill, tuple(routes)))
+        for t in range(sl.start + n_prefill, sl.stop):
+            rows = decode_sorted[t]
+            routes = []
+            for layer in range(num_layers):
+                ids = rows[layer]
+                if ids.size > 1 and np.any(ids[1:] == ids[:-1]):
+                    ids, counts = np.unique(ids, return_counts=True)
+                    routes.append((ids, counts))
+                else:
+                    routes.append((ids, ones))
+            steps.append(Step(len(steps), seq, "decode", t, 1, int(positions[t]) + 1, tuple(routes)))
+    popularity = np.zeros((num_layers, num_experts), dtype=np.int64)
+    for layer in range(num_layers):
+        popularity[layer] = np.bincount(topk[:, layer, :].ravel(), minlength=num_experts)[:num_experts]
+    probs = None if trace.lookahead_logits is None else _softmax(np.asarray(trace.lookahead_logits))
+    future = FutureAccess([s.routes for s in steps], num_layers)
+    return Workload(tuple(steps), num_layers, num_experts, int(topk.shape[2]), popularity, probs, future,
+                    max_context)
