@@ -14,6 +14,11 @@ How stable is a layer's routing over a few consecutive tokens? Two numbers answe
   fewest times in the next m tokens (t+1 .. t+m, cut at the sequence's end), ties broken least recently
   used; experts routed by token t itself are never victims (they are being computed).
 
+**SCH-static** (ours, to compare with the published numbers): the best *fixed* set of ρ·k experts per
+window — for each window of m tokens (stride 1, inside a sequence), the share of its k·m activations that
+go to its ρ·k most used experts, pooled. It has no cold misses and no eviction order, so it is not a
+demand-paged cache; it is what a cache loaded with perfect knowledge at the start of each segment gets.
+
 For comparison, the same cache size is simulated with LRU, LFU (frequency since the sequence started,
 ties LRU) and Belady (evict the resident whose next use is furthest away; never-again first; ties LRU).
 All hit rates are pooled: hits / accesses over every token (and every layer, for the model figure).
@@ -71,6 +76,27 @@ def srp_from_histogram(hist: np.ndarray) -> tuple[float, int]:
         if f1 > best:
             best, best_alpha = f1, alpha
     return float(best), best_alpha
+
+
+def segment_cache_coverage(
+    ids: np.ndarray, slices: Sequence[slice], m: int, slots: int, num_experts: int
+) -> tuple[int, int]:
+    """SCH-static for one layer: (activations covered by each window's `slots` most used experts, all
+    activations in windows), summed over windows of m tokens, stride 1, inside each sequence. `ids` [T, k]."""
+    covered = total = 0
+    for sl in slices:
+        seq = ids[sl]  # [n, k]
+        n = seq.shape[0]
+        if n < m:
+            continue
+        onehot = np.zeros((n + 1, num_experts), dtype=np.int32)
+        rows, cols = np.nonzero(seq >= 0)
+        np.add.at(onehot, (rows + 1, seq[rows, cols].astype(np.int64)), 1)
+        cum = np.cumsum(onehot, axis=0)
+        counts = cum[m:] - cum[: n + 1 - m]  # [W, E]
+        covered += int(np.sort(counts, axis=1)[:, -slots:].sum())
+        total += int(counts.sum())
+    return covered, total
 
 
 def _future_counts(seq: np.ndarray, m: int, num_experts: int) -> np.ndarray:
@@ -186,6 +212,7 @@ def lrc_report(
     `topk_ids` is [T, L, k]; `slices` the sequences (token ranges); `ms` window lengths in tokens;
     `rhos` cache sizes as multiples of k (ρ·k slots, rounded down). Values are fractions. JSON layout:
     ``{"layers": [{"layer": l, "srp": {"16": x}, "srp_alpha": {"16": a}, "sch": {"2": {"16": y}},
+    "sch_static": {"2": {"16": z}},
     "lru": {"2": z}, "lfu": {...}, "belady": {...}}], "model": {same keys}, "params": {...}}``.
     """
     topk_ids = np.asarray(topk_ids)
@@ -234,6 +261,9 @@ def lrc_report(
         for m in ms:
             hits, acc = cache_hits(topk_ids, slices, slots, "sch", num_experts, m=m)
             record("sch", rho_key, str(m), hits, acc)
+            pairs = [segment_cache_coverage(topk_ids[:, li, :], slices, m, slots, num_experts)
+                     for li in range(num_layers)]
+            record("sch_static", rho_key, str(m), np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))
         if baselines:
             for policy in ("lru", "lfu", "belady"):
                 hits, acc = cache_hits(topk_ids, slices, slots, policy, num_experts)
@@ -266,6 +296,7 @@ def format_lrc(report: dict) -> str:
     ms, rhos = params["m"], params["rho"]
     cols = [f"SRP m={m}" for m in ms]
     cols += [f"SCH ρ={r:g} m={m}" for r in rhos for m in ms]
+    cols += [f"SCHst ρ={r:g} m={m}" for r in rhos for m in ms]
     for name in ("lru", "lfu", "belady"):
         if name in report["model"]:
             cols += [f"{name.upper()} ρ={r:g}" for r in rhos]
@@ -273,6 +304,7 @@ def format_lrc(report: dict) -> str:
     def row(entry: dict) -> list[str]:
         out = [f"{100 * entry['srp'][str(m)]:.2f}" for m in ms]
         out += [f"{100 * entry['sch'][f'{r:g}'][str(m)]:.2f}" for r in rhos for m in ms]
+        out += [f"{100 * entry['sch_static'][f'{r:g}'][str(m)]:.2f}" for r in rhos for m in ms]
         for name in ("lru", "lfu", "belady"):
             if name in entry:
                 out += [f"{100 * entry[name][f'{r:g}']:.2f}" for r in rhos]

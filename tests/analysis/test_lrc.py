@@ -113,3 +113,12 @@ def test_report_pools_layers() -> None:
 def test_bad_rho_is_a_user_error() -> None:
     with pytest.raises(UserError):
         lrc_report(_ids(0, 1), [slice(0, 2)], 3, rhos=(0.5,))
+
+
+def test_sch_static_hand_computed() -> None:
+    """Sequence 0,0,1,0, k=1, one slot, m=2: windows (0,0) (0,1) (1,0) keep their top expert: 2+1+1 of 6."""
+    from sim.analysis.lrc import segment_cache_coverage
+
+    assert segment_cache_coverage(_ids(0, 0, 1, 0)[:, 0, :], [slice(0, 4)], 2, 1, 3) == (4, 6)
+    report = lrc_report(_ids(0, 0, 1, 0), [slice(0, 4)], 3, ms=(2,), rhos=(1,))
+    assert report["model"]["sch_static"]["1"]["2"] == pytest.approx(4 / 6)
