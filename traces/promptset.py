@@ -1,0 +1,62 @@
+"""Prompt sets: the text prompts a recording runs, from a JSON-lines or plain-text file.
+
+Two file forms are accepted:
+- JSON lines (`.jsonl`, or any file whose first non-blank line starts with `{`): one object per line with a
+  string field `"text"` (other fields such as `"id"` and `"kind"` are kept for people, ignored here);
+- plain text: every non-blank line is one prompt.
+
+`traces/prompts/default.jsonl` is the default set (written for fatesim, varied kinds: questions,
+instructions, code, story openings, lists, facts, dialogue...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from traces.errors import UserError
+
+DEFAULT_PROMPTS = Path(__file__).resolve().parent / "prompts" / "default.jsonl"
+
+
+def _read(path: Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompt file {path} does not exist; pass a .jsonl or .txt file with one prompt per line")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"prompt file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def load_prompts(path: Path) -> list[str]:
+    """The prompts of `path`, in file order; UserError if the file is missing, malformed or has none."""
+    path = Path(path)
+    text = _read(path)
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if not lines:
+        raise UserError(f"prompt file {path} holds no prompts; put one prompt per line (or JSON lines with \"text\")")
+    is_jsonl = path.suffix == ".jsonl" or lines[0][1].lstrip().startswith("{")
+    if not is_jsonl:
+        return [line for _, line in lines]
+    prompts: list[str] = []
+    for n, line in lines:
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"prompt file {path} line {n} is not valid JSON ({err.msg}); "
+                            "write one JSON object per line") from None
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+            raise UserError(f"prompt file {path} line {n} lacks a string field \"text\"")
+        if not item["text"].strip():
+            raise UserError(f"prompt file {path} line {n} has an empty \"text\"")
+        prompts.append(item["text"])
+    return prompts
+
+
+def prompts_identity(path: Path) -> dict[str, str]:
+    """{"name": file name without suffix, "sha256": hex digest of the file's bytes} for trace headers."""
+    path = Path(path)
+    _read(path)
+    return {"name": path.stem, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
