@@ -120,6 +120,12 @@ def plan(model: str, hw: str, target_decode: float | None = None, budget: str | 
     tr = read_trace(trace_path)
     as_model = None if tr.model == spec.name else spec.name
     replay = _resolve_runner(runner)
+    if runner == DEFAULT_RUNNER:
+        from sim.replay import load
+
+        routing: Any = load(tr)  # steps and hash prepared once for the many replays of the bisection
+    else:
+        routing = tr
     resident = spec.resident_bytes(0)
     routed = spec.routed_expert_bytes_total("bf16")
 
@@ -127,7 +133,7 @@ def plan(model: str, hw: str, target_decode: float | None = None, budget: str | 
         return max(0.0, min(1.0, (nbytes - resident) / routed)) if routed else 0.0
 
     def run(policy: str, nbytes: int) -> dict[str, Any]:
-        return replay(tr, policy=policy, hw=profile, memory_budget=str(int(nbytes)), as_model=as_model,
+        return replay(routing, policy=policy, hw=profile, memory_budget=str(int(nbytes)), as_model=as_model,
                       overrides={})
 
     rows: list[PolicyAnswer] = []

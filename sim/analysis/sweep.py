@@ -8,6 +8,8 @@ budget = ["10%", "25%", "6GiB"]            # fast-memory budgets (sim.units.pars
 profile = ["rtx3090-pcie3"]                # hardware profiles (`fatesim profiles`) or .toml paths
 link_bandwidth = ["12GB", "25GB"]          # per second; overrides the profile's link (omit: the profile's)
 as_model = ["none", "qwen1.5-moe-a2.7b"]   # replay with a larger model's shapes ("none": the trace's own)
+estimator = ["est.safetensors"]            # learned-predictor weights (`fatesim train-estimator`), for
+                                           # policies with prediction=learned ("none": no estimator)
 [set]                                      # any `--set key=value` of the policies
 int2_rate = [0.3, 0.5]
 ```
@@ -40,7 +42,7 @@ from typing import Any
 from traces.atomic import atomic_output
 from traces.errors import UserError
 
-GRID_KEYS = ("policy", "budget", "profile", "link_bandwidth", "as_model", "set")
+GRID_KEYS = ("policy", "budget", "profile", "link_bandwidth", "as_model", "estimator", "set")
 CACHE_VERSION = 1
 """Bump when the meaning of cached metrics changes: old entries are then ignored."""
 DEFAULT_RUNNER = "sim.replay:replay"
@@ -61,6 +63,8 @@ class SweepConfig:
     as_model: str | None
     overrides: tuple[tuple[str, Any], ...]
     """Sorted (key, value) pairs for `build_policy(policy, overrides)`."""
+    estimator: str | None = None
+    """Path of a learned estimator (safetensors) injected as the `learned` predictor's score_fn."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (overrides as a dict)."""
@@ -68,9 +72,10 @@ class SweepConfig:
         d["overrides"] = dict(self.overrides)
         return d
 
-    def config_hash(self, trace_hash: str) -> str:
-        """sha256 (hex, 16 chars) of this configuration, the trace and CACHE_VERSION."""
-        blob = json.dumps({"config": self.to_dict(), "trace": trace_hash, "v": CACHE_VERSION}, sort_keys=True)
+    def config_hash(self, trace_hash: str, estimator_hash: str = "") -> str:
+        """sha256 (hex, 16 chars) of this configuration, the trace, the estimator file and CACHE_VERSION."""
+        blob = json.dumps({"config": self.to_dict(), "trace": trace_hash, "estimator": estimator_hash,
+                           "v": CACHE_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -123,16 +128,18 @@ def parse_grid(text: str, source: str = "<grid>") -> list[SweepConfig]:
     bandwidths = [_bandwidth(b) for b in _as_list("link_bandwidth", data.get("link_bandwidth", "profile"))]
     as_models = [None if str(m).lower() in ("none", "") else str(m)
                  for m in _as_list("as_model", data.get("as_model", "none"))]
+    estimators = [None if str(e).lower() in ("none", "") else str(e)
+                  for e in _as_list("estimator", data.get("estimator", "none"))]
     sets = data.get("set", {})
     if not isinstance(sets, dict):
         raise UserError(f"grid {source}: 'set' must be a table of policy keys, e.g. [set] int2_rate = [0.3, 0.5]")
     set_keys = sorted(sets)
     set_values = [_as_list(f"set.{key}", sets[key]) for key in set_keys]
     configs = []
-    for policy, budget, profile, bw, as_model, *values in itertools.product(
-            policies, budgets, profiles, bandwidths, as_models, *set_values):
+    for policy, budget, profile, bw, as_model, estimator, *values in itertools.product(
+            policies, budgets, profiles, bandwidths, as_models, estimators, *set_values):
         overrides = tuple(zip(set_keys, values, strict=True))
-        configs.append(SweepConfig(policy, budget, profile, bw, as_model, overrides))
+        configs.append(SweepConfig(policy, budget, profile, bw, as_model, overrides, estimator))
     return configs
 
 
@@ -162,6 +169,8 @@ def check_configs(configs: Iterable[SweepConfig], trace) -> None:
         load_profile(c.profile)
         spec = get_model_spec(c.as_model) if c.as_model else ModelSpec.from_trace(trace)
         parse_budget(c.budget, spec)
+        if c.estimator is not None and not Path(c.estimator).is_file():
+            raise UserError(f"estimator file {c.estimator} does not exist; train one with `fatesim train-estimator`")
 
 
 def _resolve_runner(runner: Runner | str) -> Runner:
@@ -171,16 +180,23 @@ def _resolve_runner(runner: Runner | str) -> Runner:
     return getattr(importlib.import_module(module), attribute)
 
 
-_TRACES: dict[str, Any] = {}
-"""Per-process cache of read traces (path -> Trace), so a worker reads (memory-maps) its trace once."""
+_TRACES: dict[tuple[str, bool], Any] = {}
+"""Per-process cache of read traces, so a worker reads (memory-maps) and prepares its trace once."""
 
 
-def _load_trace(path: str):
-    if path not in _TRACES:
+def _load_trace(path: str, prepared: bool):
+    """The trace at `path`; `prepared`: as `sim.replay.load` makes it (steps, hash) for the default runner."""
+    key = (path, prepared)
+    if key not in _TRACES:
         from traces.format import read_trace
 
-        _TRACES[path] = read_trace(path)
-    return _TRACES[path]
+        trace = read_trace(path)
+        if prepared:
+            from sim.replay import load
+
+            trace = load(trace)
+        _TRACES[key] = trace
+    return _TRACES[key]
 
 
 def run_config(trace_path: str, config: SweepConfig, runner: Runner | str = DEFAULT_RUNNER) -> dict[str, Any]:
@@ -188,15 +204,22 @@ def run_config(trace_path: str, config: SweepConfig, runner: Runner | str = DEFA
     {"status": "error", "error": "Type: message", "elapsed_s"}."""
     started = time.perf_counter()
     try:
-        trace = _load_trace(trace_path)
+        prepared = runner == DEFAULT_RUNNER
+        trace = _load_trace(trace_path, prepared)
         hw: Any = config.profile
         if config.link_bandwidth_bytes_per_s is not None:
             from sim.hardware import load_profile
 
             hw = load_profile(config.profile).with_link_bandwidth(config.link_bandwidth_bytes_per_s)
         overrides = {k: str(v).lower() if isinstance(v, bool) else v for k, v in config.overrides}
+        extra: dict[str, Any] = {}
+        if config.estimator is not None:
+            from sim.analysis.estimator import load_estimator, make_score_fn
+
+            raw = trace.trace if prepared else trace
+            extra["score_fn"] = make_score_fn(load_estimator(config.estimator), raw)
         metrics = _resolve_runner(runner)(trace, policy=config.policy, hw=hw, memory_budget=config.budget,
-                                          as_model=config.as_model, overrides=overrides)
+                                          as_model=config.as_model, overrides=overrides, **extra)
         return {"status": "ok", "metrics": metrics, "elapsed_s": time.perf_counter() - started}
     except Exception as error:  # isolation: one failing configuration must not lose the others
         message = " ".join(str(error).split()) or "(no message)"
@@ -221,7 +244,7 @@ def flatten_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 def _config_columns(config: SweepConfig, config_hash: str) -> dict[str, Any]:
     row = {"config_hash": config_hash, "policy": config.policy, "budget": config.budget,
            "profile": config.profile, "link_bandwidth_bytes_per_s": config.link_bandwidth_bytes_per_s,
-           "as_model": config.as_model or ""}
+           "as_model": config.as_model or "", "estimator": config.estimator or ""}
     for key, value in config.overrides:
         row[f"set.{key}"] = value
     return row
@@ -305,6 +328,17 @@ def _execute(todo: list[tuple[int, SweepConfig]], trace_path: str, trace_hash: s
         bar.close()
 
 
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                h.update(block)
+    except OSError as error:
+        raise UserError(f"cannot read estimator file {path}: {error.strerror}") from None
+    return h.hexdigest()
+
+
 def run_sweep(trace_path: str | os.PathLike[str], configs: list[SweepConfig], cache_dir: str | os.PathLike[str],
               runner: Runner | str = DEFAULT_RUNNER, workers: int = 1, ray_address: str | None = None,
               progress: bool = True, check: bool = True) -> SweepOutcome:
@@ -327,7 +361,8 @@ def run_sweep(trace_path: str | os.PathLike[str], configs: list[SweepConfig], ca
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(f"cannot create sweep cache folder {cache}: {error.strerror}") from None
-    hashes = [c.config_hash(trace_hash) for c in configs]
+    estimator_hashes = {c.estimator: _file_sha256(c.estimator) for c in configs if c.estimator is not None}
+    hashes = [c.config_hash(trace_hash, estimator_hashes.get(c.estimator, "")) for c in configs]
     results: dict[int, dict] = {}
     todo: list[tuple[int, SweepConfig]] = []
     for index, (config, h) in enumerate(zip(configs, hashes, strict=True)):
