@@ -162,13 +162,15 @@ def sweep(trace_path: str, grid: str, out: str, workers: int, ray_address: str |
 @click.argument("results", required=False)
 @click.option("--out", required=True, help="Folder for the PNG files (created if missing).")
 @click.option("--timeline", default=None, help="A Chrome trace-event timeline (from `fatesim replay --timeline`).")
-@click.option("--window-ms", default=None, type=float, help="Length of the timeline excerpt in ms [default: 5% of the run].")
-def plot(results: str | None, out: str, timeline: str | None, window_ms: float | None) -> None:
+@click.option("--window-ms", default=None, type=float,
+              help="Length of the timeline excerpt in ms [default: enough for 150 events].")
+@click.option("--start-ms", default=0.0, show_default=True, type=float, help="Where the timeline excerpt starts, in ms.")
+def plot(results: str | None, out: str, timeline: str | None, window_ms: float | None, start_ms: float) -> None:
     """PNG plots: throughput vs budget per policy, hit rate per layer, timeline excerpt."""
     from sim.analysis.plot import plot_results
 
     for path in plot_results(results, out, timeline=timeline,
-                             window_s=None if window_ms is None else window_ms / 1e3):
+                             window_s=None if window_ms is None else window_ms / 1e3, start_s=start_ms / 1e3):
         click.echo(str(path))
 
 

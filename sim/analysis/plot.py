@@ -20,7 +20,12 @@ from typing import Any
 from traces.atomic import atomic_output
 from traces.errors import UserError
 
-_CONFIG_KEYS = ("profile", "link_bandwidth_bytes_per_s", "as_model")
+_CONFIG_KEYS = ("profile", "link_bandwidth_bytes_per_s", "as_model", "estimator")
+_KIND_COLOURS = {"attention": "#4C72B0", "expert": "#55A868", "shared": "#8172B2", "stall": "#F2B8B8",
+                 "demand": "#C44E52", "prefetch": "#DD8452", "predict": "#937860", "cpu": "#64B5CD"}
+"""Fixed colours for the span kinds the simulator's timeline writer uses; others cycle through tab10."""
+DEFAULT_TIMELINE_EVENTS = 150
+"""The default excerpt spans this many events from its start: a few layers, each span still visible."""
 
 
 def _pyplot():
@@ -177,7 +182,7 @@ def read_timeline(path: str | os.PathLike[str]) -> tuple[dict[tuple, str], list[
 def plot_timeline(path: str | os.PathLike[str], out_dir: Path, window_s: float | None = None,
                   start_s: float = 0.0) -> Path:
     """Gantt of the timeline's spans from `start_s` (after the first event) for `window_s` seconds
-    (default: the first 5% of the run, at least 20 events' worth)."""
+    (default: long enough for DEFAULT_TIMELINE_EVENTS events)."""
     plt = _pyplot()
     from matplotlib.patches import Patch
 
@@ -186,11 +191,13 @@ def plot_timeline(path: str | os.PathLike[str], out_dir: Path, window_s: float |
         raise UserError(f"timeline {path} has no complete ('X') events to draw")
     t0 = min(float(e["ts"]) for e in spans)
     t_end = max(float(e["ts"]) + float(e.get("dur", 0)) for e in spans)
-    if window_s is None:
-        window_s = max((t_end - t0) * 1e-6 * 0.05, 1e-6)
-        ordered = sorted(float(e["ts"]) for e in spans)
-        window_s = max(window_s, (ordered[min(len(ordered) - 1, 40)] - t0) * 1e-6)
     lo = t0 + start_s * 1e6
+    if window_s is None:
+        ordered = sorted(float(e["ts"]) for e in spans if float(e["ts"]) >= lo)
+        if not ordered:
+            raise UserError(f"timeline {path} has no events after {start_s * 1e3:g} ms")
+        last = ordered[min(len(ordered) - 1, DEFAULT_TIMELINE_EVENTS)]
+        window_s = max((last - lo) * 1e-6, (t_end - lo) * 1e-6 if last == ordered[-1] else 0.0, 1e-6)
     hi = lo + window_s * 1e6
     tracks = sorted(names, key=lambda k: (str(names[k]).lower().startswith("cpu"), str(names[k])))
     row_of = {k: i for i, k in enumerate(tracks)}
@@ -203,7 +210,7 @@ def plot_timeline(path: str | os.PathLike[str], out_dir: Path, window_s: float |
             continue
         kind = str(e.get("cat") or str(e.get("name", "")).split(" ")[0])
         if kind not in kinds:
-            kinds[kind] = cmap(len(kinds) % 10)
+            kinds[kind] = _KIND_COLOURS.get(kind.lower(), cmap(len(kinds) % 10))
         y = row_of[(e.get("pid"), e.get("tid"))]
         x0, x1 = max(ts, lo), min(ts + dur, hi)
         ax.barh(y, (x1 - x0) / 1e3, left=(x0 - t0) / 1e3, height=0.7, color=kinds[kind], edgecolor="none")
@@ -220,7 +227,8 @@ def plot_timeline(path: str | os.PathLike[str], out_dir: Path, window_s: float |
 
 
 def plot_results(results: str | os.PathLike[str] | None, out_dir: str | os.PathLike[str],
-                 timeline: str | os.PathLike[str] | None = None, window_s: float | None = None) -> list[Path]:
+                 timeline: str | os.PathLike[str] | None = None, window_s: float | None = None,
+                 start_s: float = 0.0) -> list[Path]:
     """`fatesim plot`: every figure the inputs allow, into `out_dir` (created if missing); returns the paths."""
     from sim.analysis.sweep import read_results
 
@@ -237,5 +245,5 @@ def plot_results(results: str | os.PathLike[str] | None, out_dir: str | os.PathL
         paths += plot_throughput(rows, out)
         paths += plot_hit_rate_per_layer(rows, out)
     if timeline is not None:
-        paths.append(plot_timeline(timeline, out, window_s=window_s))
+        paths.append(plot_timeline(timeline, out, window_s=window_s, start_s=start_s))
     return paths

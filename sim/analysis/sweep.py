@@ -281,7 +281,7 @@ def _execute(todo: list[tuple[int, SweepConfig]], trace_path: str, trace_hash: s
              on_done: Callable[[int, dict], None]) -> None:
     from tqdm import tqdm
 
-    bar = tqdm(total=len(todo), desc="sweep", unit="config", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(todo), desc="sweep", unit="config", disable=not progress or not todo, dynamic_ncols=True)
     try:
         if ray_address is not None:
             _check_ray_address(ray_address)
