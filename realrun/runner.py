@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -34,17 +33,26 @@ from traces.errors import UserError
 
 @dataclass
 class Generation:
-    """Tokens and clocks of one greedy run over several prompts."""
+    """Tokens and clocks of one greedy run over several prompts (times: perf_counter seconds)."""
 
     generated: list[list[int]] = field(default_factory=list)
     """Token ids generated for each prompt."""
     logits: list[torch.Tensor] = field(default_factory=list)
-    """Per prompt [1 + new tokens - 1, V] float32 logits of each step's last position (keep_logits only)."""
-    prefill_s: list[float] = field(default_factory=list)
-    """Seconds of each prompt's prefill forward (= its time to first token)."""
-    decode_s: list[float] = field(default_factory=list)
-    """Seconds of every decode forward, all prompts."""
-    prefill_tokens: int = 0
+    """Per prompt [new tokens, V] float32 logits of each step's last position (keep_logits only)."""
+    phases: list[str] = field(default_factory=list)
+    """Per forward step: "prefill" or "decode"."""
+    num_tokens: list[int] = field(default_factory=list)
+    """Per forward step: tokens processed."""
+    step_start_at: list[float] = field(default_factory=list)
+    step_end_at: list[float] = field(default_factory=list)
+
+    def seconds(self, phase: str) -> list[float]:
+        """Durations of the steps of `phase`."""
+        return [e - s for p, s, e in zip(self.phases, self.step_start_at, self.step_end_at, strict=True)
+                if p == phase]
+
+    def tokens(self, phase: str) -> int:
+        return sum(n for p, n in zip(self.phases, self.num_tokens, strict=True) if p == phase)
 
 
 def _sync(device: torch.device) -> None:
@@ -56,47 +64,37 @@ def _sync(device: torch.device) -> None:
 def greedy_generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, device: torch.device, *,
                     on_forward: Callable[[int, str, int], None] | None = None, keep_logits: bool = False,
                     progress: Callable[[int], None] | None = None) -> Generation:
-    """Greedy decoding of each prompt separately; `on_forward(step, phase, tokens)` runs before each forward."""
+    """Greedy decoding of each prompt separately; `on_forward(step, phase, tokens)` runs before each forward.
+
+    Every prompt yields `max_new_tokens` tokens (>= 1): the prefill forward gives the first.
+    """
     from transformers import DynamicCache
 
     out = Generation()
-    step = 0
     for prompt in prompts:
-        ids = torch.tensor([prompt], dtype=torch.long, device=device)
         cache = DynamicCache(config=model.config)
         new: list[int] = []
         step_logits = []
-        if on_forward is not None:
-            on_forward(step, "prefill", len(prompt))
-        _sync(device)
-        start = time.perf_counter()
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]  # [1, V]
-        token = int(logits.argmax(-1))  # the host needs the token for the next step anyway
-        _sync(device)
-        out.prefill_s.append(time.perf_counter() - start)
-        out.prefill_tokens += len(prompt)
-        step += 1
-        new.append(token)
-        if keep_logits:
-            step_logits.append(logits[0].float().cpu())
-        if progress is not None:
-            progress(1)
-        for _ in range(max_new_tokens - 1):
+        ids = torch.tensor([prompt], dtype=torch.long, device=device)
+        for i in range(max(1, max_new_tokens)):
+            phase = "prefill" if i == 0 else "decode"
             if on_forward is not None:
-                on_forward(step, "decode", 1)
+                on_forward(len(out.phases), phase, ids.shape[1])
             _sync(device)
             start = time.perf_counter()
-            logits = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache,
-                           use_cache=True).logits[:, -1]
-            token = int(logits.argmax(-1))
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]  # [1, V]
+            token = int(logits.argmax(-1))  # greedy; the host needs the token to feed the next step anyway
             _sync(device)
-            out.decode_s.append(time.perf_counter() - start)
-            step += 1
+            out.step_start_at.append(start)
+            out.step_end_at.append(time.perf_counter())
+            out.phases.append(phase)
+            out.num_tokens.append(ids.shape[1])
             new.append(token)
             if keep_logits:
                 step_logits.append(logits[0].float().cpu())
             if progress is not None:
                 progress(1)
+            ids = torch.tensor([[token]], dtype=torch.long, device=device)
         out.generated.append(new)
         if keep_logits:
             out.logits.append(torch.stack(step_logits))
@@ -191,40 +189,3 @@ def popularity_counts(model: nn.Module, prompts: list[list[int]], device: torch.
                     counts[layer] += np.bincount(call.ids.cpu().numpy().ravel(), minlength=num_experts)
             capture.clear()
     return counts
-
-
-def metrics(*, gen: Generation, stats: dict, num_layers: int, stall_s: float, io_busy_s: float, wall_s: float,
-            layer_steps: int, policy: PolicyConfig, budget_bytes: int, profile: str, model: str,
-            trace_hash: str | None) -> dict[str, Any]:
-    """The DESIGN §7 metrics JSON (the keys `fatesim replay` emits), from one run's clocks and counters."""
-    prefill_s, decode_s = sum(gen.prefill_s), sum(gen.decode_s)
-    routed = stats["hits"] + stats["misses"]
-    used_bytes = stats["bytes_prefetch_used"]
-    return {
-        "prefill_tokens_per_s": gen.prefill_tokens / prefill_s if prefill_s else 0.0,
-        "decode_tokens_per_s": len(gen.decode_s) / decode_s if decode_s else 0.0,
-        "ttft_s": float(np.mean(gen.prefill_s)) if gen.prefill_s else 0.0,
-        "tpot_s": float(np.mean(gen.decode_s)) if gen.decode_s else 0.0,
-        "hit_rate": stats["hits"] / routed if routed else 0.0,
-        "hit_rate_per_layer": [h / r if r else 0.0
-                               for h, r in zip(stats["hits_per_layer"], stats["routed_per_layer"], strict=True)],
-        "prefetch_precision": (stats["prefetches_used"] / stats["prefetches_issued"]
-                               if stats["prefetches_issued"] else 0.0),
-        "prefetch_recall": (stats["prefetch_covered"] / stats["routed_predictable"]
-                            if stats["routed_predictable"] else 0.0),
-        "bytes_transferred": {
-            "on_demand": stats["bytes_on_demand"],
-            "prefetch_used": used_bytes,
-            "prefetch_wasted": stats["bytes_prefetched"] - used_bytes,
-            "total": stats["bytes_on_demand"] + stats["bytes_prefetched"],
-        },
-        "gpu_stall_s": stall_s,
-        "link_busy_fraction": io_busy_s / wall_s if wall_s else 0.0,
-        "layer_steps": layer_steps,
-        "policy": policy.name,
-        "policy_components": policy.components(),
-        "memory_budget_bytes": budget_bytes,
-        "profile": profile,
-        "model": model,
-        "trace_hash": trace_hash,
-    }

@@ -1,0 +1,320 @@
+"""`run_realrun`: the library function behind `fatesim realrun` (and what calibration's validation calls).
+
+One call: resolve and load the model, tokenize the prompts, pick the policy, size the budget, build (or
+reuse) the slow tier, hand the model to an `OffloadEngine`, generate greedily with a progress bar, and
+return the metrics JSON of `fatesim replay` plus `generated`; optionally write the Chrome timeline and the
+routing trace of that very run.
+
+The controller needs a hardware profile only for Fate's decode prefetch count (layer time / INT4 transfer
+time). Unless one is given, realrun measures this machine at start-up in well under a second: the slow
+tier's read bandwidth on real records and the time of one real expert at 1 and 64 tokens; the profile name
+in the JSON says "realrun-measured" and its provenance says how.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from realrun.engine import OffloadEngine, RouteRecord, moe_blocks, spec_of
+from realrun.quant import ExpertLayout, raw_views
+from realrun.runner import (Generation, build_store, expert_budget, greedy_generate, popularity_counts,
+                            storage_precisions)
+from realrun.store import SlowStore, aligned_buffer
+from sim.hardware import HardwareProfile, load_profile, profile_from_dict
+from sim.metrics import compute_metrics
+from sim.modelspec import ModelSpec
+from sim.policies.controller import OffloadController
+from sim.policies.presets import PolicyConfig, build_policy
+from sim.units import parse_budget
+from traces.errors import UserError
+
+DEFAULT_MAX_NEW_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Tokenized prompts and where they came from."""
+
+    token_ids: list[list[int]]
+    name: str
+    sha256: str
+
+
+def load_prompts(path: str | os.PathLike[str], tokenizer: Any) -> Prompts:
+    """A JSON-lines prompt file: each line an object with "text" (or "prompt"), or with "token_ids"."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"no prompt file at {path}") from None
+    prompts: list[list[int]] = []
+    for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{number} is not JSON; write one object per line, e.g. {{\"text\": \"...\"}}") from None
+        if isinstance(item, dict) and "token_ids" in item:
+            ids = [int(t) for t in item["token_ids"]]
+        else:
+            text = item if isinstance(item, str) else (item.get("text") or item.get("prompt")
+                                                       if isinstance(item, dict) else None)
+            if not isinstance(text, str):
+                raise UserError(f"{path}:{number} has no \"text\", \"prompt\" or \"token_ids\"")
+            if tokenizer is None:
+                raise UserError(f"{path}:{number} holds text but the model has no tokenizer; give token_ids")
+            ids = list(tokenizer(text)["input_ids"])
+        if not ids:
+            raise UserError(f"{path}:{number} is an empty prompt")
+        prompts.append(ids)
+    if not prompts:
+        raise UserError(f"{path} holds no prompts")
+    return Prompts(prompts, path.stem, hashlib.sha256(raw).hexdigest())
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """A model folder: an existing path, or a default model name known to `traces.modelzoo`."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    try:
+        from traces import modelzoo
+    except ImportError:
+        modelzoo = None
+    resolve = getattr(modelzoo, "resolve_model", None) or getattr(modelzoo, "model_dir", None)
+    if resolve is not None:
+        return Path(resolve(name_or_path))
+    raise UserError(f"no model folder at {name_or_path!r}; give a Hugging Face model folder")
+
+
+def load_model(name_or_path: str, device: torch.device) -> tuple[nn.Module, Any, str]:
+    """(model in eval mode on `device`, tokenizer or None, model name) for a model folder or default name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_model_dir(name_or_path)
+    if not (folder / "config.json").exists():
+        raise UserError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", experts_implementation="eager")
+    model = model.to(device).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer, name_or_path
+
+
+def measure_profile(spec: ModelSpec, store: SlowStore, layouts: dict[str, ExpertLayout],
+                    device: torch.device) -> HardwareProfile:
+    """A profile of this machine from real records and a real expert (see the module docstring)."""
+    precision = max(layouts, key=lambda p: layouts[p].nbytes)
+    layout = layouts[precision]
+    buf = aligned_buffer(store.padded_bytes(precision))
+    reads = min(4, spec.num_moe_layers * spec.num_experts)
+    start = time.perf_counter()
+    for i in range(reads):
+        store.read_into(i % spec.num_moe_layers, i // spec.num_moe_layers, precision, buf)
+    read_s = (time.perf_counter() - start) / reads
+    link_bw = layout.nbytes / read_s
+    # one expert at 1 token (weight-read bound) and at 64 tokens (FLOP bound), from real weights
+    if "bf16" in layouts:
+        record = aligned_buffer(store.padded_bytes("bf16"))
+        store.read_into(0, 0, "bf16", record)
+        gate_up, down = raw_views(record, layouts["bf16"])
+    else:
+        dtype = layout.dtype
+        gate_up = torch.randn(2 * spec.expert_intermediate_size, spec.hidden_size, dtype=dtype)
+        down = torch.randn(spec.hidden_size, spec.expert_intermediate_size, dtype=dtype)
+    gate_up, down = gate_up.to(device), down.to(device)
+
+    def expert_s(tokens: int) -> float:
+        x = torch.randn(tokens, spec.hidden_size, dtype=gate_up.dtype, device=device)
+        best = float("inf")
+        for _ in range(3):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            g, u = torch.nn.functional.linear(x, gate_up).chunk(2, dim=-1)
+            torch.nn.functional.linear(torch.nn.functional.silu(g) * u, down)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    weight_bytes = spec.expert_params * spec.weight_bytes
+    mem_bw = weight_bytes / expert_s(1)
+    flops = spec.expert_flops(64) / expert_s(64)
+    data = {
+        "name": "realrun-measured",
+        "description": f"{device.type} device, {type(store).__name__} slow tier, measured at start-up",
+        "provenance": f"measured by realrun at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: "
+                      f"{reads} {precision} record reads, one expert at 1 and 64 tokens",
+        "device": {"kind": device.type, "memory_bytes": 1},
+        "link": {"bandwidth_bytes_per_s": link_bw, "latency_s": 0.0, "copy_engines": 1},
+        "gpu": {"matmul_flops_per_s": flops, "memory_bytes_per_s": mem_bw, "kernel_launch_s": 0.0,
+                "layer_overhead_s": 0.0},
+        "dequant": {"int8_bytes_per_s": mem_bw, "int4_bytes_per_s": mem_bw, "int2_bytes_per_s": mem_bw},
+        "cpu": {"matmul_flops_per_s": flops, "memory_bytes_per_s": mem_bw, "predictor_latency_s": 0.0},
+    }
+    return profile_from_dict(data, source="realrun start-up measurement")
+
+
+def build_trace(routes: list[list[RouteRecord]], gen: Generation, prompts: Prompts, spec: ModelSpec,
+                model: nn.Module, model_name: str, policy: PolicyConfig) -> Any:
+    """The routing trace of this very run (trace format v1), with router and look-ahead logits."""
+    from traces.format import Trace, TraceModelConfig, utc_now_iso
+
+    token_ids, seq_ids, positions, is_prefill = [], [], [], []
+    step = 0
+    for seq, (prompt, new) in enumerate(zip(prompts.token_ids, gen.generated, strict=True)):
+        fed = list(prompt) + list(new[:-1])  # every token that went through the model
+        token_ids += fed
+        seq_ids += [seq] * len(fed)
+        positions += list(range(len(fed)))
+        is_prefill += [1] * len(prompt) + [0] * (len(fed) - len(prompt))
+        step += len(new)
+    num_layers = spec.num_moe_layers
+    per_step = [(np.stack([r.topk_ids for r in step_routes], axis=1),        # [N, L, k]
+                 np.stack([r.topk_weights for r in step_routes], axis=1),
+                 np.stack([r.router_logits for r in step_routes], axis=1),    # [N, L, E]
+                 np.stack([r.lookahead_logits for r in step_routes], axis=2))  # [D, N, L, E]
+                for step_routes in routes]
+    if any(p[0].shape[1] != num_layers for p in per_step):
+        raise RuntimeError("a forward step did not route every MoE layer once")
+    mc = TraceModelConfig(
+        architecture=spec.model_type, num_layers=spec.num_layers, moe_layer_indices=tuple(spec.moe_layer_indices),
+        num_experts=spec.num_experts, top_k=spec.top_k, num_shared_experts=spec.num_shared_experts,
+        hidden_size=spec.hidden_size, expert_intermediate_size=spec.expert_intermediate_size,
+        shared_expert_intermediate_size=spec.shared_expert_intermediate_size, dtype=spec.dtype)
+    return Trace(
+        model=model_name, model_config=mc,
+        source={"kind": "recorded", "recorder": "fatesim realrun", "policy": policy.name,
+                "note": "routing of an offloaded run; lossy policies (int4/int2, speculation) change it"},
+        prompts={"name": prompts.name, "sha256": prompts.sha256}, created=utc_now_iso(),
+        token_ids=np.asarray(token_ids, dtype=np.int32), seq_ids=np.asarray(seq_ids, dtype=np.int32),
+        positions=np.asarray(positions, dtype=np.int32), is_prefill=np.asarray(is_prefill, dtype=np.uint8),
+        topk_ids=np.concatenate([p[0] for p in per_step]).astype(np.int16),
+        topk_weights=np.concatenate([p[1] for p in per_step]).astype(np.float16),
+        router_logits=np.concatenate([p[2] for p in per_step]).astype(np.float16),
+        lookahead_logits=np.concatenate([p[3] for p in per_step], axis=1).astype(np.float16),
+        gate_inputs=None, hf_config=model.config.to_dict(),
+    )
+
+
+def run_offloaded(model: nn.Module, prompts: Prompts, *, model_name: str, policy: PolicyConfig,
+                  memory_budget: str | int, device: torch.device, store: str = "disk",
+                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, store_path: Path | None = None,
+                  profile: str | HardwareProfile | None = None, optimize_quant: bool = True,
+                  timeline: Path | None = None, trace_out: Path | None = None, keep_logits: bool = False,
+                  progress: Callable[[int], None] | None = None,
+                  engine_hook: Callable[[OffloadEngine], None] | None = None) -> tuple[dict[str, Any], Generation]:
+    """Run an already loaded model offloaded; returns (metrics JSON with `generated`, the Generation).
+
+    The model's expert weights are packed into the slow tier and then dropped from the model.
+    `engine_hook(engine)` runs once the engine exists (tests inject failures through it).
+    """
+    spec = spec_of(model, model_name)
+    blocks = moe_blocks(model)
+    kv_tokens = max(len(p) for p in prompts.token_ids) + max_new_tokens
+    total = memory_budget if isinstance(memory_budget, int) else parse_budget(memory_budget, spec, kv_tokens)
+    experts_budget = expert_budget(total, spec, kv_tokens)
+    popularity = None
+    if policy.allocation == "popularity":
+        popularity = popularity_counts(model, prompts.token_ids, device, spec.num_moe_layers, spec.num_experts)
+    with torch.inference_mode():  # untimed warm-up (kernels, allocator, thread pool) on the plain path
+        model(input_ids=torch.tensor([prompts.token_ids[0][:8]], device=device))
+    precisions = storage_precisions(policy)
+    tmp = None
+    if store == "disk" and store_path is None:
+        tmp = tempfile.TemporaryDirectory(prefix="realrun-", dir=os.environ.get("FATESIM_STORE_DIR"))
+        store_path = Path(tmp.name) / "experts.bin"
+    try:
+        slow, layouts = build_store(spec, blocks, precisions, store, device, store_path=store_path,
+                                    optimize=optimize_quant)
+        try:
+            hw = (profile if isinstance(profile, HardwareProfile)
+                  else load_profile(profile) if profile else measure_profile(spec, slow, layouts, device))
+            ctl = OffloadController(spec, policy, experts_budget, hw=hw, popularity=popularity)
+            with OffloadEngine(model, spec, ctl, slow, layouts, device, record_routes=trace_out is not None,
+                               lookahead=policy.lookahead) as engine:
+                if engine_hook is not None:
+                    engine_hook(engine)
+                run_start = time.perf_counter()
+                gen = greedy_generate(model, prompts.token_ids, max_new_tokens, device,
+                                      on_forward=engine.start_forward, keep_logits=keep_logits, progress=progress)
+                run_end = time.perf_counter()
+        finally:
+            slow.close()
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    trace = build_trace(engine.routes, gen, prompts, spec, model, model_name, policy) if trace_out else None
+    result = compute_metrics(
+        phases=gen.phases, num_tokens=gen.num_tokens, step_start_at=gen.step_start_at, step_end_at=gen.step_end_at,
+        stats=ctl.stats, gpu_stall_s=engine.stall_s, link_busy_s=engine.loader.busy_s,
+        makespan_s=run_end - run_start, copy_engines=1, num_layers=spec.num_moe_layers)
+    result.update({
+        "policy": policy.name, "policy_components": policy.components(), "memory_budget_bytes": total,
+        "profile": hw.name, "model": model_name, "trace_hash": trace.content_hash() if trace is not None else None,
+        "generated": gen.generated,
+    })
+    if trace_out is not None:
+        from traces.format import write_trace
+        write_trace(trace, trace_out)
+    if timeline is not None:
+        write_timeline(engine, run_start, timeline)
+    return result, gen
+
+
+def write_timeline(engine: OffloadEngine, origin_at: float, path: Path) -> None:
+    """The run's Chrome trace (sim.timeline's schema): compute thread, I/O thread, predictor."""
+    from sim.engine import EngineResult
+    from sim.timeline import write_timeline as write
+
+    gpu = [(s.name, s.start_at - origin_at, s.end_at - origin_at, s.args) for s in engine.spans
+           if s.track == "compute" and s.start_at >= origin_at]
+    cpu = [("predict", s.start_at - origin_at, s.end_at - origin_at, s.args) for s in engine.spans
+           if s.track == "predictor" and s.start_at >= origin_at]
+    link = [(0, start - origin_at, end - origin_at, copy.tag) for start, end, copy in engine.loader.spans
+            if start >= origin_at]
+    result = EngineResult(step_start_at=[], step_end_at=[], gpu_stall_s=engine.stall_s, makespan_s=0.0,
+                          link_busy_s=engine.loader.busy_s, copy_engines=1, gpu_spans=gpu, cpu_spans=cpu,
+                          link_spans=link)
+    write(result, path)
+
+
+def run_realrun(model: str, prompts: str | os.PathLike[str], policy: str, memory_budget: str, *,
+                device: str = "cpu", store: str = "disk", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                overrides: dict[str, Any] | None = None, timeline: str | os.PathLike[str] | None = None,
+                trace_out: str | os.PathLike[str] | None = None, profile: str | None = None,
+                store_path: str | os.PathLike[str] | None = None,
+                progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """`fatesim realrun`: the metrics JSON of `fatesim replay` plus `generated` (token ids per prompt)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but torch sees no CUDA GPU; use --device cpu")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {device!r}; choose cpu or cuda")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+    pol = build_policy(policy, overrides)
+    dev = torch.device(device)
+    loaded, tokenizer, name = load_model(model, dev)
+    prompt_set = load_prompts(prompts, tokenizer)
+    result, _ = run_offloaded(
+        loaded, prompt_set, model_name=name, policy=pol, memory_budget=memory_budget, device=dev, store=store,
+        max_new_tokens=max_new_tokens, store_path=Path(store_path) if store_path else None, profile=profile,
+        timeline=Path(timeline) if timeline else None, trace_out=Path(trace_out) if trace_out else None,
+        progress=progress)
+    return result
