@@ -29,8 +29,14 @@ from torch import nn
 
 from realrun.engine import OffloadEngine, RouteRecord, moe_blocks, spec_of
 from realrun.quant import ExpertLayout, raw_views
-from realrun.runner import (Generation, build_store, expert_budget, greedy_generate, popularity_counts,
-                            storage_precisions)
+from realrun.runner import (
+    Generation,
+    build_store,
+    expert_budget,
+    greedy_generate,
+    popularity_counts,
+    storage_precisions,
+)
 from realrun.store import SlowStore, aligned_buffer
 from sim.hardware import HardwareProfile, load_profile, profile_from_dict
 from sim.metrics import compute_metrics
