@@ -98,10 +98,16 @@ def validate(profile: str, model: str, max_error: float, as_json: bool, budgets:
               help="Tokens of the text scored for perplexity.")
 @click.option("--generate-tokens", type=int, default=32, show_default=True,
               help="Greedy tokens generated per prompt for agreement.")
-def accuracy(model: str, text_path: str, as_json: bool, max_tokens: int, generate_tokens: int) -> None:
+@click.option("--budget", default="50%", show_default=True,
+              help="Fast-memory budget of the speculate variant's expert cache (percentage or bytes).")
+@click.option("--variants", default=",".join(("lossless", "int4", "int2", "fate-hybrid", "speculate")),
+              show_default=True, help="Comma-separated variants to score.")
+def accuracy(model: str, text_path: str, as_json: bool, max_tokens: int, generate_tokens: int,
+             budget: str, variants: str) -> None:
     """Perplexity and greedy agreement of INT4, INT2, Fate's hybrid and speculative execution."""
     from calibration.accuracy import format_accuracy, measure_accuracy
 
     result = measure_accuracy(model=model, text_path=text_path, max_tokens=max_tokens,
-                              generate_tokens=generate_tokens)
+                              generate_tokens=generate_tokens, budget=budget,
+                              variants=tuple(v.strip() for v in variants.split(",") if v.strip()))
     click.echo(json.dumps(result, indent=2) if as_json else format_accuracy(result))

@@ -5,11 +5,16 @@ The models are the ones `sim.hardware` evaluates:
 - compute (roofline): `t = kernel_launch_s + max(flops / matmul_flops_per_s, nbytes / memory_bytes_per_s)`;
 - dequantisation: `t = output_bytes / rate`.
 
-All fits minimise *relative* squared error, `sum(((model - t) / t) ** 2)`: a 64 KiB read takes a thousandth
-of a 64 MiB one, and an absolute fit would let the large sizes decide everything (the latency would come
-out as noise). The roofline is piecewise linear in (launch, 1/flops rate, 1/byte rate): for each split of
-the points, sorted by arithmetic intensity, into memory-bound and compute-bound ones it is a bounded
-linear least-squares problem, so trying every split finds the global optimum exactly.
+All fits work on *relative* error: a 64 KiB read takes a thousandth of a 64 MiB one, and an absolute fit
+would let the large sizes decide everything (the latency would come out as noise). Two steps:
+1. a linear start: `sum(((model - t) / t) ** 2)` is linear least squares in (latency, 1/bandwidth), and
+   for the roofline, piecewise linear in (launch, 1/flops rate, 1/byte rate): for each split of the points,
+   sorted by arithmetic intensity, into memory-bound and compute-bound ones it is a bounded linear problem,
+   so trying every split finds that optimum exactly;
+2. a polish on log residuals, `log(model) - log(t)`, with a soft-L1 loss (`scipy.optimize.least_squares`):
+   the ratio error `(model - t) / t` is bounded by -1 below but not above, so on noisy data it drags the
+   model under the measurements; the log error is symmetric, and soft-L1 keeps one slow sample (another
+   process took the core) from moving the fit. On noise-free data both steps give the exact parameters.
 """
 
 from __future__ import annotations
@@ -18,11 +23,11 @@ import datetime as _dt
 import platform
 import socket
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import lsq_linear
+from scipy.optimize import least_squares, lsq_linear
 
 from calibration.microbench import Point
 from sim.hardware import CpuModel, DequantModel, HardwareProfile, LinkModel, RooflineModel
@@ -77,7 +82,7 @@ def fit_link(nbytes: Sequence[float], seconds: Sequence[float]) -> LinkFit:
         raise UserError("the link fit needs transfers of at least two different sizes")
     design = np.stack([np.ones_like(x), x], axis=1) / t[:, None]
     solution = lsq_linear(design, np.ones_like(t), bounds=([0.0, 1e-30], [np.inf, np.inf]), method="bvls")
-    latency, inv_bw = solution.x
+    latency, inv_bw = _log_polish(lambda p: p[0] + p[1] * x, solution.x, t)
     fit = LinkFit(latency_s=float(latency), bandwidth_bytes_per_s=float(1.0 / inv_bw), rel_rms_error=0.0)
     return LinkFit(fit.latency_s, fit.bandwidth_bytes_per_s, _rel_rms(fit.predict_s(x), t))
 
@@ -109,11 +114,38 @@ def fit_roofline(flops: Sequence[float], nbytes: Sequence[float], seconds: Seque
         if best is None or cost < best[0] - 1e-15:
             best = (cost, np.array([launch, u, v]))
     assert best is not None
-    launch, u, v = best[1]
+    launch, u, v = _log_polish(lambda p: p[0] + np.maximum(f * p[1], b * p[2]), best[1], t)
     fit = RooflineFit(matmul_flops_per_s=float(1.0 / u), memory_bytes_per_s=float(1.0 / v),
                       kernel_launch_s=float(launch), rel_rms_error=0.0)
     return RooflineFit(fit.matmul_flops_per_s, fit.memory_bytes_per_s, fit.kernel_launch_s,
                        _rel_rms(fit.predict_s(f, b), t))
+
+
+def _log_polish(model: Callable[[np.ndarray], np.ndarray], start: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Refine non-negative parameters `start` on soft-L1 log residuals; keep `start` if that is not better."""
+    scale = np.where(start > 0, start, 1.0)  # optimise in units of the start values: well conditioned
+
+    def residual(q: np.ndarray) -> np.ndarray:
+        return np.log(np.maximum(model(q * scale), 1e-300)) - np.log(t)
+
+    def cost(q: np.ndarray) -> float:
+        r = residual(q)
+        return float(np.sum(2.0 * (np.sqrt(1.0 + (r / _LOG_SCALE) ** 2) - 1.0)))
+
+    q0 = np.where(start > 0, 1.0, 0.0)
+    lower = np.where(start > 0, 1e-6, 0.0)
+    try:
+        solved = least_squares(residual, np.maximum(q0, lower), bounds=(lower, np.inf), loss="soft_l1",
+                               f_scale=_LOG_SCALE, x_scale=1.0, xtol=1e-12, ftol=1e-12, gtol=1e-12)
+    except ValueError:
+        return start
+    if solved.success and cost(solved.x) < cost(q0):
+        return solved.x * scale
+    return start
+
+
+_LOG_SCALE = 0.1
+"""Soft-L1 knee of the log residual: beyond about 10% a sample counts linearly, not quadratically."""
 
 
 def _fill_unconstrained(u: float, v: float, launch: float, f: np.ndarray, b: np.ndarray,

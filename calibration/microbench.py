@@ -16,8 +16,8 @@ Benchmarks, by `Point.kind`:
   attending to `context` positions.
 - `dequant_<precision>`: unpacking one expert from `<precision>` to the compute dtype; `nbytes` is the
   bf16 output size (the profile's dequantisation rate is in bytes of bf16 output per second).
-- `layer`: the fixed per-layer work of one decode token: two RMSNorms, two residual adds, the router
-  matmul, softmax and top-k.
+- `layer`: the fixed per-layer work of one decode token: two RMSNorms, two residual adds, the router's
+  softmax and top-k (the router matmul is a roofline op of its own in `sim.costs`).
 - `predictor`: the cross-layer predictor's decision for one token: the next layer's router applied to
   the current gate input, softmax, top-k (on the CPU, as realrun runs it).
 
@@ -245,12 +245,15 @@ def bench_shared_mlp(plan: BenchPlan, spec: ModelSpec) -> Iterator[Point]:
     inter = spec.shared_expert_intermediate_size or spec.dense_intermediate_size
     gate_up = _weights(2 * inter, h, plan.compute_dtype, plan.device, gen)
     down = _weights(h, inter, plan.compute_dtype, plan.device, gen)
-    params = 3 * h * inter
     for tokens in plan.mlp_tokens:
         x = torch.randn(tokens, h, generator=gen).to(plan.compute_dtype).to(plan.device)
         median, samples = time_op(lambda x=x: _swiglu(x, gate_up, down), repeats=plan.repeats,
                                   min_seconds=plan.min_seconds, device=plan.device)
-        yield Point("mlp", tokens, 2.0 * params * tokens, params * spec.weight_bytes, median, samples)
+        if spec.shared_expert_intermediate_size:  # exactly what sim.costs.CostModel.shared_s charges
+            flops, nbytes = spec.shared_expert_flops(tokens), spec.shared_expert_params * spec.weight_bytes
+        else:
+            flops, nbytes = spec.dense_mlp_flops(tokens), spec.dense_mlp_params * spec.weight_bytes
+        yield Point("mlp", tokens, flops, nbytes, median, samples)
 
 
 def bench_attention(plan: BenchPlan, spec: ModelSpec) -> Iterator[Point]:
@@ -283,23 +286,25 @@ def bench_attention(plan: BenchPlan, spec: ModelSpec) -> Iterator[Point]:
 
 
 def bench_layer_overhead(plan: BenchPlan, spec: ModelSpec) -> Point:
-    """Fixed per-layer work of one decode token: 2 RMSNorms, 2 residual adds, router, softmax, top-k."""
+    """Fixed per-layer work of one decode token: 2 RMSNorms, 2 residual adds, router softmax and top-k.
+
+    The router matmul itself is not included: `sim.costs.CostModel` charges it as its own roofline op.
+    """
     gen = torch.Generator().manual_seed(5)
     dt, dev, h = plan.compute_dtype, plan.device, spec.hidden_size
     x = torch.randn(1, h, generator=gen).to(dt).to(dev)
     residual = torch.randn(1, h, generator=gen).to(dt).to(dev)
+    logits = torch.randn(1, spec.num_experts, generator=gen).to(dt).to(dev)
     norm_w = torch.ones(h, dtype=dt, device=dev)
-    router = _weights(spec.num_experts, h, dt, dev, gen)
 
     def layer() -> torch.Tensor:
         a = F.rms_norm(x, (h,), norm_w) + residual
         b = F.rms_norm(a, (h,), norm_w)
-        probs = torch.softmax(F.linear(b, router).float(), dim=-1)
-        weights, ids = torch.topk(probs, spec.top_k, dim=-1)
+        weights, ids = torch.topk(torch.softmax(logits.float(), dim=-1), spec.top_k, dim=-1)
         return a + b * weights.sum().to(dt) + ids.numel()
 
     median, samples = time_op(layer, repeats=max(plan.repeats, 20), min_seconds=plan.min_seconds, device=dev)
-    return Point("layer", 1, spec.router_flops(1), spec.router_params * spec.weight_bytes, median, samples)
+    return Point("layer", 1, 0.0, 0.0, median, samples)
 
 
 def bench_predictor(plan: BenchPlan, spec: ModelSpec) -> Point:
