@@ -82,18 +82,32 @@ class Link:
         if not queue:
             return False
         free_at = self.free_at
-        engine = min(range(len(free_at)), key=free_at.__getitem__) if len(free_at) > 1 else 0
-        start = free_at[engine]
-        earliest = min(e[1] for e in queue)
-        if earliest > start:
+        if len(free_at) == 1:
+            engine, start = 0, free_at[0]
+        else:
+            start = min(free_at)
+            engine = free_at.index(start)
+        best = None
+        earliest = None
+        for entry in queue:  # best = min (priority, ready_at, seq) among entries ready by `start`
+            ready = entry[1]
+            if ready <= start:
+                if best is None or entry < best:
+                    best = entry
+            elif earliest is None or ready < earliest:
+                earliest = ready
+        if best is None:  # nothing ready yet: the engine idles until the earliest ready time
             start = earliest
+            for entry in queue:
+                if entry[1] <= start and (best is None or entry < best):
+                    best = entry
         if start >= until:
             return False
-        best = min((e for e in queue if e[1] <= start), key=lambda e: (e[0], e[1], e[2]))
         queue.remove(best)
         t = best[3]
         del self.entry[id(t)]
-        self.promoted.discard(id(t))
+        if self.promoted:
+            self.promoted.discard(id(t))
         duration = self.duration_s(t.nbytes)
         end = start + duration
         free_at[engine] = end

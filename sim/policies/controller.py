@@ -26,7 +26,6 @@ No simpy, no torch: realrun imports this module.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -82,28 +81,32 @@ class Transfer:
         return f"Transfer(L{self.layer} E{self.expert} {self.precision} {self.kind} {self.state})"
 
 
-@dataclass
 class LayerPlan:
     """What layer `layer` of forward step `step` does with its routed experts."""
 
-    layer: int
-    step: int
-    hits: list[int] = field(default_factory=list)
-    """Routed experts resident or in flight, in compute order."""
-    loads: list[Transfer] = field(default_factory=list)
-    """On-demand transfers, in issue (and compute) order."""
-    cpu_experts: list[int] = field(default_factory=list)
-    substitutions: list[tuple[int, int]] = field(default_factory=list)
-    """(routed expert, speculated expert computed in its place)."""
-    evictions: list[int] = field(default_factory=list)
-    cancelled: list[Transfer] = field(default_factory=list)
-    """Queued prefetches of this layer that went stale: the engine drops them."""
-    promoted: list[Transfer] = field(default_factory=list)
-    """Queued prefetches of this layer now needed: the engine moves them ahead as on-demand loads."""
-    gpu_work: list[tuple[int, int, str, Transfer | None]] = field(default_factory=list)
-    """(expert, tokens, precision, transfer to wait for or None) in GPU compute order: hits, substitutes, loads."""
-    cpu_work: list[tuple[int, int]] = field(default_factory=list)
-    """(expert, tokens) computed on the CPU."""
+    __slots__ = ("layer", "step", "hits", "loads", "cpu_experts", "substitutions", "evictions", "cancelled",
+                 "promoted", "gpu_work", "cpu_work")
+
+    def __init__(self, layer: int, step: int) -> None:
+        self.layer = layer
+        self.step = step
+        self.hits: list[int] = []
+        """Routed experts resident or in flight, in compute order."""
+        self.loads: list[Transfer] = []
+        """On-demand transfers, in issue (and compute) order."""
+        self.cpu_experts: list[int] = []
+        self.substitutions: list[tuple[int, int]] = []
+        """(routed expert, speculated expert computed in its place)."""
+        self.evictions: list[int] = []
+        self.cancelled: list[Transfer] = []
+        """Queued prefetches of this layer that went stale: the engine drops them."""
+        self.promoted: list[Transfer] = []
+        """Queued prefetches of this layer now needed: the engine moves them ahead as on-demand loads."""
+        self.gpu_work: list[tuple[int, int, str, Transfer | None]] = []
+        """(expert, tokens, precision, transfer to wait for or None) in GPU compute order: hits, substitutes,
+        loads."""
+        self.cpu_work: list[tuple[int, int]] = []
+        """(expert, tokens) computed on the CPU."""
 
 
 class _LayerCache:
@@ -155,13 +158,18 @@ class OffloadController:
         """Expert slots of each MoE layer; sum * slot_bytes <= expert_budget_bytes."""
         self.caches = [_LayerCache(s, make_eviction(policy.eviction, s, layer, future))
                        for layer, s in enumerate(self.slots_per_layer)]
-        self.predictor = make_predictor(policy.prediction, num_layers=num_layers, num_experts=num_experts,
-                                        top_k=top_k, depth=policy.lookahead, eap_history=policy.eap_history,
-                                        future=future, score_fn=score_fn)
         costs = CostModel(spec, hw)
         self.prefetch = PrefetchPolicy(
             policy.prefetch, policy.confidence, policy.prefetch_count,
             fate_decode_count(costs.decode_layer_s("int4"), costs.transfer_s(spec.expert_bytes("int4"))))
+        limit = max(top_k, policy.prefetch_count, self.prefetch.fate_decode_count)
+        self.predictor = make_predictor(policy.prediction, num_layers=num_layers, num_experts=num_experts,
+                                        top_k=top_k, depth=policy.lookahead, eap_history=policy.eap_history,
+                                        limit=limit, future=future, score_fn=score_fn)
+        self._bytes = {p: spec.expert_bytes(p) for p in ("bf16", "int8", "int4", "int2")}
+        """Bytes of one expert in each precision."""
+        self._no_reuse = policy.eviction == "none"
+        self._fixed_precision = None if policy.precision == "fate-hybrid" else policy.precision
         self.step = -1
         self.phase = "decode"
         self.occupied_slots = 0
@@ -229,69 +237,86 @@ class OffloadController:
         ids = routed_ids.tolist()
         counts = dict(zip(ids, token_counts.tolist(), strict=True))
         plan = LayerPlan(layer, step)
-        if self.policy.eviction == "none":
-            for expert in [e for e, t in cache.resident.items() if t.state == DONE and e not in cache.pinned]:
+        resident = cache.resident
+        if self._no_reuse:
+            for expert in [e for e, t in resident.items() if t.state == DONE and e not in cache.pinned]:
                 self._evict(cache, expert)
         spare: list[int] = []
-        for expert, t in list(cache.pending.items()):
-            if expert in counts:
-                t.used = True
-                st["prefetches_used"] += 1
-                if t.state == DONE:
-                    st["bytes_prefetch_used"] += t.nbytes
-                elif t.state == QUEUED:
-                    plan.promoted.append(t)
-            elif t.state == QUEUED and self.policy.cancel_stale:
-                t.state = CANCELLED
-                plan.cancelled.append(t)
-                self._evict(cache, expert)
-                st["prefetches_cancelled"] += 1
-            else:
-                spare.append(expert)
-        cache.pending = {}
+        if cache.pending:
+            for expert, t in list(cache.pending.items()):
+                if expert in counts:
+                    t.used = True
+                    st["prefetches_used"] += 1
+                    if t.state == DONE:
+                        st["bytes_prefetch_used"] += t.nbytes
+                    elif t.state == QUEUED:
+                        plan.promoted.append(t)
+                elif t.state == QUEUED and self.policy.cancel_stale:
+                    t.state = CANCELLED
+                    plan.cancelled.append(t)
+                    self._evict(cache, expert)
+                    st["prefetches_cancelled"] += 1
+                else:
+                    spare.append(expert)
+            cache.pending = {}
         if cache.selected:
             st["prefetch_selected"] += len(cache.selected)
             st["prefetch_covered"] += sum(1 for e in cache.selected if e in counts)
             cache.selected = set()
-        hits = [e for e in ids if e in cache.resident]
-        misses = [e for e in ids if e not in cache.resident]
-        st["hits"] += len(hits)
-        st["misses"] += len(misses)
-        st["hits_per_layer"][layer] += len(hits)
+        hits = [e for e in ids if e in resident]
+        n_hits = len(hits)
+        st["hits"] += n_hits
+        st["misses"] += len(ids) - n_hits
+        st["hits_per_layer"][layer] += n_hits
         st["routed_per_layer"][layer] += len(ids)
-        st["routed_predictable"] += len(ids) if layer > 0 else 0
+        if layer:
+            st["routed_predictable"] += len(ids)
         policy = cache.policy
+        work = plan.gpu_work
         for expert in hits:
             policy.on_access(expert, step)
-            t = cache.resident[expert]
-            plan.gpu_work.append((expert, counts[expert], t.precision, None if t.state == DONE else t))
+            t = resident[expert]
+            work.append((expert, counts[expert], t.precision, None if t.state == DONE else t))
         plan.hits = hits
-        mp = self.miss.resolve(misses, spare)
-        for routed, substitute in mp.substitutions:
-            policy.on_access(substitute, step)
-            t = cache.resident[substitute]
-            plan.gpu_work.append((substitute, counts[routed], t.precision, None if t.state == DONE else t))
-        plan.substitutions = mp.substitutions
-        plan.cpu_experts = mp.cpu
-        plan.cpu_work = [(e, counts[e]) for e in mp.cpu]
-        if mp.load:
-            if self.miss.name == "lowbit":
-                precisions = [self.policy.miss_precision] * len(mp.load)
-            else:
-                every = self.precision.assign(self.phase, ids, [counts[e] for e in ids])
-                by_expert = dict(zip(ids, every, strict=True))
-                precisions = [by_expert[e] for e in mp.load]
-            in_use = [w[0] for w in plan.gpu_work]  # compute order: earlier ones may give up their slot
-            for expert, precision in zip(mp.load, precisions, strict=True):
-                slot, after_t, after_c = self._demand_slot(cache, layer, counts, in_use, plan)
-                t = self._insert(cache, layer, expert, precision, "demand", slot, 0.0)
-                t.after_transfer, t.after_compute = after_t, after_c
-                plan.loads.append(t)
-                plan.gpu_work.append((expert, counts[expert], precision, t))
-                in_use.append(expert)
+        if n_hits < len(ids):
+            self._plan_misses(cache, layer, ids, counts, [e for e in ids if e not in resident], spare, plan)
         self.predictor.observe(layer, routed_ids)
         assert self.occupied_slots * self.slot_bytes <= self.expert_budget_bytes, "expert budget exceeded"
         return plan
+
+    def _plan_misses(self, cache: _LayerCache, layer: int, ids: list[int], counts: dict[int, int],
+                     misses: list[int], spare: list[int], plan: LayerPlan) -> None:
+        """Substitutions, CPU work and on-demand loads for the misses of one layer step."""
+        policy, resident, work = cache.policy, cache.resident, plan.gpu_work
+        mp = self.miss.resolve(misses, spare)
+        for routed, substitute in mp.substitutions:
+            policy.on_access(substitute, self.step)
+            t = resident[substitute]
+            work.append((substitute, counts[routed], t.precision, None if t.state == DONE else t))
+        plan.substitutions = mp.substitutions
+        plan.cpu_experts = mp.cpu
+        plan.cpu_work = [(e, counts[e]) for e in mp.cpu]
+        if not mp.load:
+            return
+        if self.miss.name == "lowbit":
+            precisions = [self.policy.miss_precision] * len(mp.load)
+        elif self._fixed_precision is not None:
+            precisions = [self._fixed_precision] * len(mp.load)
+        else:
+            every = self.precision.assign(self.phase, ids, [counts[e] for e in ids])
+            by_expert = dict(zip(ids, every, strict=True))
+            precisions = [by_expert[e] for e in mp.load]
+        in_use = [w[0] for w in work]  # compute order: earlier ones may give up their slot
+        for expert, precision in zip(mp.load, precisions, strict=True):
+            if cache.free:
+                slot, after_t, after_c = cache.free.pop(), None, None
+            else:
+                slot, after_t, after_c = self._demand_slot(cache, layer, counts, in_use, plan)
+            t = self._insert(cache, layer, expert, precision, "demand", slot, 0.0)
+            t.after_transfer, t.after_compute = after_t, after_c
+            plan.loads.append(t)
+            work.append((expert, counts[expert], precision, t))
+            in_use.append(expert)
 
     # --- internals -----------------------------------------------------------------------------------
     def resident_bytes(self) -> int:
@@ -300,7 +325,7 @@ class OffloadController:
 
     def _insert(self, cache: _LayerCache, layer: int, expert: int, precision: str, kind: str, slot: int,
                 score: float) -> Transfer:
-        t = Transfer(layer, expert, precision, self.spec.expert_bytes(precision), kind, slot, self.step, score)
+        t = Transfer(layer, expert, precision, self._bytes[precision], kind, slot, self.step, score)
         cache.resident[expert] = t
         cache.policy.on_insert(expert, self.step)
         self.occupied_slots += 1

@@ -11,8 +11,7 @@ here is "the classic algorithm restricted to the evictable set".
 - `arc`: adaptive replacement cache (Megiddo & Modha, FAST 2003) with recency list T1, frequency list T2,
   their ghost lists B1, B2 and the adaptive target p; capacity c = the layer's slots.
 - `belady`: evict the expert whose next use lies farthest in the future (needs `FutureAccess`; the bound).
-- `none`: no reuse at all; the controller empties the layer before each step (pure load on demand). As a
-  victim chooser it behaves like LRU (used only when one step routes more experts than there are slots).
+- `none`: no reuse at all; the controller empties the layer before each step (pure load on demand).
 """
 
 from __future__ import annotations
@@ -206,13 +205,36 @@ class Belady:
         return max(sorted(candidates), key=lambda e: nxt(self.layer, e, step))
 
 
-EvictionPolicy = LRU | LFU | ARC | Belady
+class NoReuse:
+    """`none`: no bookkeeping (the controller empties the layer before each step); victim = lowest id."""
+
+    name = "none"
+
+    def __init__(self, capacity: int) -> None:
+        pass
+
+    def on_insert(self, expert: int, step: int) -> None:
+        pass
+
+    def on_access(self, expert: int, step: int) -> None:
+        pass
+
+    def on_remove(self, expert: int) -> None:
+        pass
+
+    def victim(self, candidates: set[int], incoming: int | None, step: int) -> int:
+        return min(candidates)
+
+
+EvictionPolicy = LRU | LFU | ARC | Belady | NoReuse
 
 
 def make_eviction(name: str, capacity: int, layer: int, future: FutureAccess | None) -> EvictionPolicy:
     """The eviction policy `name` for one layer of `capacity` slots."""
-    if name in ("lru", "none"):
+    if name == "lru":
         return LRU(capacity)
+    if name == "none":
+        return NoReuse(capacity)
     if name == "lfu":
         return LFU(capacity)
     if name == "arc":

@@ -65,8 +65,8 @@ class Prediction:
 def _rank(scores: np.ndarray, limit: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """Experts with score > 0, highest first (ties: lower id), at most `limit`."""
     order = np.argsort(-scores, kind="stable")[:limit]
-    keep = [int(e) for e in order if scores[e] > 0]
-    return tuple(keep), tuple(float(scores[e]) for e in keep)
+    order = order[scores[order] > 0]
+    return tuple(order.tolist()), tuple(scores[order].tolist())
 
 
 class NoPredictor:
@@ -85,8 +85,10 @@ class NoPredictor:
 class LookaheadPredictor:
     """Cross-layer gate (Fate) and speculative quasi-hidden state (Speculating Experts) predictors."""
 
-    def __init__(self, name: str, num_layers: int, num_experts: int, top_k: int, depth: int) -> None:
+    def __init__(self, name: str, num_layers: int, num_experts: int, top_k: int, depth: int, limit: int) -> None:
         self.name = name
+        self.limit = limit
+        """Decode: candidates returned per layer ahead (the prefetch policy never takes more)."""
         self.num_layers = num_layers
         self.num_experts = num_experts
         self.top_k = top_k
@@ -105,7 +107,6 @@ class LookaheadPredictor:
             raise UserError(f"predictor {self.name!r} needs look-ahead logits; record the trace with them "
                             "or --set prediction=eap|none")
         out = []
-        limit = self.num_experts if self.name == "crosslayer" else self.top_k
         for d in range(min(self.depth, probs.shape[0])):
             target = layer + d + 1
             if target >= self.num_layers:
@@ -113,6 +114,7 @@ class LookaheadPredictor:
             p = probs[d]  # [n, E]
             if p.shape[0] == 1:
                 scores = p[0]
+                limit = self.limit if self.name == "crosslayer" else self.top_k
             else:
                 top = np.argpartition(-p, self.top_k - 1, axis=1)[:, : self.top_k]  # [n, k]
                 scores = np.bincount(top.ravel(), minlength=self.num_experts).astype(np.float64)
@@ -234,13 +236,14 @@ Predictor = NoPredictor | LookaheadPredictor | EapPredictor | OraclePredictor | 
 
 
 def make_predictor(name: str, *, num_layers: int, num_experts: int, top_k: int, depth: int, eap_history: int,
+                   limit: int = 0,
                    future: FutureAccess | None = None,
                    score_fn: Callable[[int, Signals], np.ndarray] | None = None) -> Predictor:
     """The predictor `name`; UserError when it lacks what it needs (future, score_fn)."""
     if name == "none":
         return NoPredictor()
     if name in NEEDS_LOOKAHEAD:
-        return LookaheadPredictor(name, num_layers, num_experts, top_k, depth)
+        return LookaheadPredictor(name, num_layers, num_experts, top_k, depth, limit or num_experts)
     if name == "eap":
         return EapPredictor(num_layers, num_experts, top_k, depth, eap_history)
     if name == "oracle":
