@@ -106,20 +106,26 @@ def resolve_model_dir(name_or_path: str) -> Path:
     raise UserError(f"no model folder at {name_or_path!r}; give a Hugging Face model folder")
 
 
-def load_model(name_or_path: str, device: torch.device) -> tuple[nn.Module, Any, str]:
-    """(model in eval mode on `device`, tokenizer or None, model name) for a model folder or default name."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _tokenizer(folder: Path) -> Any:
+    """The model folder's tokenizer, or None when it has none (prompts must then be token ids)."""
+    from transformers import AutoTokenizer
 
-    folder = resolve_model_dir(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def load_model(folder: Path, device: torch.device) -> nn.Module:
+    """The model in a HF folder, in eval mode on `device`, with transformers' eager experts loop."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
     if not (folder / "config.json").exists():
         raise UserError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    hf_logging.disable_progress_bar()  # our own tqdm bar reports progress
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", experts_implementation="eager")
-    model = model.to(device).eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError):
-        tokenizer = None
-    return model, tokenizer, name_or_path
+    return model.to(device).eval()
 
 
 def measure_profile(spec: ModelSpec, store: SlowStore, layouts: dict[str, ExpertLayout],
@@ -316,10 +322,16 @@ def run_realrun(model: str, prompts: str | os.PathLike[str], policy: str, memory
         raise UserError(f"--max-new-tokens {max_new_tokens} must be at least 1")
     pol = build_policy(policy, overrides)
     dev = torch.device(device)
-    loaded, tokenizer, name = load_model(model, dev)
-    prompt_set = load_prompts(prompts, tokenizer)
+    folder = resolve_model_dir(model)
+    # Check the budget against the config before loading any weights: a user mistake fails in a second.
+    spec = ModelSpec.from_config_file(folder)
+    prompt_set = load_prompts(prompts, _tokenizer(folder))
+    kv_tokens = max(len(p) for p in prompt_set.token_ids) + max_new_tokens
+    budget_bytes = parse_budget(memory_budget, spec, kv_tokens)
+    expert_budget(budget_bytes, spec, kv_tokens)
+    loaded, name = load_model(folder, dev), model
     result, _ = run_offloaded(
-        loaded, prompt_set, model_name=name, policy=pol, memory_budget=memory_budget, device=dev, store=store,
+        loaded, prompt_set, model_name=name, policy=pol, memory_budget=budget_bytes, device=dev, store=store,
         max_new_tokens=max_new_tokens, store_path=Path(store_path) if store_path else None, profile=profile,
         timeline=Path(timeline) if timeline else None, trace_out=Path(trace_out) if trace_out else None,
         progress=progress)

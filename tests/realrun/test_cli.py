@@ -1,0 +1,60 @@
+"""`fatesim realrun` end to end on a saved tiny model: JSON out, files written, one-line user errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sim.cli import main
+from tests.realrun.conftest import NEW_TOKENS, PROMPTS, tiny_qwen
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-qwen")
+    tiny_qwen().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def prompts_file(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"token_ids": p}) + "\n" for p in PROMPTS.token_ids))
+    return path
+
+
+def test_cli_json_timeline_and_trace(model_dir: Path, prompts_file: Path, tmp_path: Path, capsys) -> None:
+    """--json prints replay's keys plus `generated`; --timeline and --trace-out files appear."""
+    timeline, trace = tmp_path / "tl.json", tmp_path / "run.safetensors"
+    main(["realrun", "--model", str(model_dir), "--prompts", str(prompts_file), "--policy", "fate",
+          "--memory-budget", "50%", "--store", "disk", "--max-new-tokens", str(NEW_TOKENS), "--json",
+          "--timeline", str(timeline), "--trace-out", str(trace)])
+    result = json.loads(capsys.readouterr().out)
+    assert result["policy"] == "fate" and len(result["generated"]) == len(PROMPTS.token_ids)
+    assert all(len(g) == NEW_TOKENS for g in result["generated"])
+    assert result["profile"] == "realrun-measured"
+    assert timeline.exists() and trace.exists()
+
+
+def test_cli_summary_and_set(model_dir: Path, prompts_file: Path, capsys) -> None:
+    """Without --json a short summary is printed; --set overrides a component."""
+    main(["realrun", "--model", str(model_dir), "--prompts", str(prompts_file), "--policy", "lru",
+          "--memory-budget", "60%", "--store", "ram", "--max-new-tokens", "2", "--set", "eviction=lfu"])
+    out = capsys.readouterr().out
+    assert "decode" in out and "hit rate" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--policy", "nope", "--memory-budget", "50%"], "unknown policy"),
+    (["--policy", "lru", "--memory-budget", "2%"], "raise --memory-budget"),
+    (["--policy", "lru", "--memory-budget", "lots"], "cannot read size"),
+])
+def test_cli_user_errors_are_one_line(model_dir: Path, prompts_file: Path, capsys, args, message) -> None:
+    """Bad policy or budget: exit code 2 and one line on stderr, no traceback."""
+    with pytest.raises(SystemExit) as done:
+        main(["realrun", "--model", str(model_dir), "--prompts", str(prompts_file), *args])
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fatesim: error:") and message in err and "\n" not in err
