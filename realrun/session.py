@@ -13,7 +13,6 @@ in the JSON says "realrun-measured" and its provenance says how.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -59,51 +58,36 @@ class Prompts:
 
 
 def load_prompts(path: str | os.PathLike[str], tokenizer: Any) -> Prompts:
-    """A JSON-lines prompt file: each line an object with "text" (or "prompt"), or with "token_ids"."""
+    """Tokenized prompts of a prompt file (`traces.promptset` forms: JSON lines with "text", or plain text);
+    JSON lines with "token_ids" lists are taken as given (models without a tokenizer)."""
+    from traces.promptset import load_prompts as load_texts
+    from traces.promptset import prompts_identity
+
     path = Path(path)
+    identity = prompts_identity(path)
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"no prompt file at {path}") from None
-    prompts: list[list[int]] = []
-    for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{number} is not JSON; write one object per line, e.g. {{\"text\": \"...\"}}") from None
-        if isinstance(item, dict) and "token_ids" in item:
-            ids = [int(t) for t in item["token_ids"]]
-        else:
-            text = item if isinstance(item, str) else (item.get("text") or item.get("prompt")
-                                                       if isinstance(item, dict) else None)
-            if not isinstance(text, str):
-                raise UserError(f"{path}:{number} has no \"text\", \"prompt\" or \"token_ids\"")
-            if tokenizer is None:
-                raise UserError(f"{path}:{number} holds text but the model has no tokenizer; give token_ids")
-            ids = list(tokenizer(text)["input_ids"])
-        if not ids:
-            raise UserError(f"{path}:{number} is an empty prompt")
-        prompts.append(ids)
-    if not prompts:
-        raise UserError(f"{path} holds no prompts")
-    return Prompts(prompts, path.stem, hashlib.sha256(raw).hexdigest())
+        items = [json.loads(line) for line in lines]
+    except json.JSONDecodeError:
+        items = []
+    if items and all(isinstance(i, dict) and "token_ids" in i for i in items):
+        ids = [[int(t) for t in i["token_ids"]] for i in items]
+    else:
+        texts = load_texts(path)
+        if tokenizer is None:
+            raise UserError(f"{path} holds text but the model has no tokenizer; give {{\"token_ids\": [...]}} lines")
+        ids = [list(tokenizer(text)["input_ids"]) for text in texts]
+    for n, prompt in enumerate(ids):
+        if not prompt:
+            raise UserError(f"prompt {n} of {path} is empty after tokenization; remove it")
+    return Prompts(ids, identity["name"], identity["sha256"])
 
 
 def resolve_model_dir(name_or_path: str) -> Path:
-    """A model folder: an existing path, or a default model name known to `traces.modelzoo`."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    try:
-        from traces import modelzoo
-    except ImportError:
-        modelzoo = None
-    resolve = getattr(modelzoo, "resolve_model", None) or getattr(modelzoo, "model_dir", None)
-    if resolve is not None:
-        return Path(resolve(name_or_path))
-    raise UserError(f"no model folder at {name_or_path!r}; give a Hugging Face model folder")
+    """A model folder: an embedded default model name or a local Hugging Face folder (`traces.modelzoo`)."""
+    from traces.modelzoo import resolve_model
+
+    return resolve_model(name_or_path)
 
 
 def _tokenizer(folder: Path) -> Any:
@@ -307,13 +291,21 @@ def write_timeline(engine: OffloadEngine, origin_at: float, path: Path) -> None:
     write(result, path)
 
 
-def run_realrun(model: str, prompts: str | os.PathLike[str], policy: str, memory_budget: str, *,
+def run_realrun(model: str, prompts: str | os.PathLike[str] | None, policy: str, memory_budget: str, *,
                 device: str = "cpu", store: str = "disk", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                 overrides: dict[str, Any] | None = None, timeline: str | os.PathLike[str] | None = None,
                 trace_out: str | os.PathLike[str] | None = None, profile: str | None = None,
                 store_path: str | os.PathLike[str] | None = None,
                 progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """`fatesim realrun`: the metrics JSON of `fatesim replay` plus `generated` (token ids per prompt)."""
+    """`fatesim realrun`: the metrics JSON of `fatesim replay` plus `generated` (token ids per prompt).
+
+    prompts: a prompt file, or None for `traces.promptset.DEFAULT_PROMPTS`; profile: a hardware profile for
+    the controller (name or .toml), or None to measure this machine at start-up; store_path: where the disk
+    store lives (reused when its fingerprint matches), or None for a temporary file.
+    """
+    if prompts is None:
+        from traces.promptset import DEFAULT_PROMPTS
+        prompts = DEFAULT_PROMPTS
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but torch sees no CUDA GPU; use --device cpu")
     if device not in ("cpu", "cuda"):
