@@ -112,6 +112,7 @@ def replay(trace: Trace | str | os.PathLike[str] | LoadedTrace, policy: str | Po
         "memory_budget_bytes": budget_bytes,
         "expert_budget_bytes": expert_budget,
         "slots_per_layer": ctl.slots_per_layer,
+        "peak_expert_bytes": ctl.peak_slots * ctl.slot_bytes,
         "profile": profile.name,
         "model": spec.name,
         "trace_hash": loaded.trace_hash,

@@ -173,6 +173,8 @@ class OffloadController:
         self.step = -1
         self.phase = "decode"
         self.occupied_slots = 0
+        self.peak_slots = 0
+        """Most slots ever occupied at once (queued, in flight or resident)."""
         self.stats = _new_stats(num_layers)
         """Counters the metrics module reads (hits, misses, prefetch outcomes, bytes by kind)."""
         for layer, experts in enumerate(alloc.pinned):
@@ -329,6 +331,8 @@ class OffloadController:
         cache.resident[expert] = t
         cache.policy.on_insert(expert, self.step)
         self.occupied_slots += 1
+        if self.occupied_slots > self.peak_slots:
+            self.peak_slots = self.occupied_slots
         return t
 
     def _evict(self, cache: _LayerCache, expert: int) -> Transfer:
