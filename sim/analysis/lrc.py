@@ -60,14 +60,15 @@ def window_count_histogram(
     return hist
 
 
-def srp_from_histogram(hist: np.ndarray) -> tuple[float, int]:
-    """(SRP, best α) from N(f), f = 0..m (see the module docstring). SRP is a fraction in [0, 1]."""
+def srp_from_histogram(hist: np.ndarray) -> tuple[float | None, int | None]:
+    """(SRP, best α) from N(f), f = 0..m (see the module docstring). SRP is a fraction in [0, 1];
+    (None, None) when there is no window (every sequence shorter than m)."""
     m = hist.shape[0] - 1
     f = np.arange(m + 1, dtype=np.float64)
     mass = f * hist  # f·N(f)
     total_mass = mass.sum()
     if total_mass == 0:
-        return 0.0, 1
+        return None, None
     best, best_alpha = -1.0, 1
     for alpha in range(1, m + 1):
         tp = mass[alpha:].sum()
@@ -194,8 +195,9 @@ def cache_hits(
     return hits, accesses
 
 
-def _as_fraction(num: float, den: float) -> float:
-    return float(num) / float(den) if den else 0.0
+def _as_fraction(num: float, den: float) -> float | None:
+    """num / den, or None when there is nothing to count (no window, no access)."""
+    return float(num) / float(den) if den else None
 
 
 def lrc_report(
@@ -291,7 +293,7 @@ def trace_lrc(trace, ms: Sequence[int] = (16,), rhos: Sequence[float] = (2,), ba
 
 
 def format_lrc(report: dict) -> str:
-    """A plain-text table of an `lrc_report`, values in percent."""
+    """A plain-text table of an `lrc_report`, values in percent ("–": no window of that length)."""
     params = report["params"]
     ms, rhos = params["m"], params["rho"]
     cols = [f"SRP m={m}" for m in ms]
@@ -301,13 +303,16 @@ def format_lrc(report: dict) -> str:
         if name in report["model"]:
             cols += [f"{name.upper()} ρ={r:g}" for r in rhos]
 
+    def pct(value: float | None) -> str:
+        return "–" if value is None else f"{100 * value:.2f}"
+
     def row(entry: dict) -> list[str]:
-        out = [f"{100 * entry['srp'][str(m)]:.2f}" for m in ms]
-        out += [f"{100 * entry['sch'][f'{r:g}'][str(m)]:.2f}" for r in rhos for m in ms]
-        out += [f"{100 * entry['sch_static'][f'{r:g}'][str(m)]:.2f}" for r in rhos for m in ms]
+        out = [pct(entry["srp"][str(m)]) for m in ms]
+        out += [pct(entry["sch"][f"{r:g}"][str(m)]) for r in rhos for m in ms]
+        out += [pct(entry["sch_static"][f"{r:g}"][str(m)]) for r in rhos for m in ms]
         for name in ("lru", "lfu", "belady"):
             if name in entry:
-                out += [f"{100 * entry[name][f'{r:g}']:.2f}" for r in rhos]
+                out += [pct(entry[name][f"{r:g}"]) for r in rhos]
         return out
 
     widths = [max(len(c), 6) for c in cols]

@@ -122,3 +122,10 @@ def test_sch_static_hand_computed() -> None:
     assert segment_cache_coverage(_ids(0, 0, 1, 0)[:, 0, :], [slice(0, 4)], 2, 1, 3) == (4, 6)
     report = lrc_report(_ids(0, 0, 1, 0), [slice(0, 4)], 3, ms=(2,), rhos=(1,))
     assert report["model"]["sch_static"]["1"]["2"] == pytest.approx(4 / 6)
+
+
+def test_no_window_is_none_not_zero() -> None:
+    """Sequences shorter than m have no window: SRP and SCH-static are undefined (None), not 0."""
+    report = lrc_report(_ids(0, 1, 2), [slice(0, 3)], 3, ms=(4,), rhos=(1,), baselines=False)
+    assert report["model"]["srp"]["4"] is None and report["model"]["sch_static"]["1"]["4"] is None
+    assert report["model"]["sch"]["1"]["4"] == 0.0  # the cache itself still runs: 0 hits of 3
