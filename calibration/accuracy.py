@@ -45,15 +45,10 @@ FATE_INT2_RATE = {"qwen2_moe": 0.3, "qwen3_moe": 0.3, "deepseek": 0.5, "deepseek
 
 
 def resolve_model_dir(model: str) -> Path:
-    """A model folder: `model` itself, or the default model of that name under traces/models/."""
-    from traces.train_models import MODELS_DIR
+    """A model folder: a default model name (`traces.modelzoo`) or a Hugging Face model folder."""
+    from traces.modelzoo import resolve_model
 
-    for candidate in (Path(model), MODELS_DIR / model):
-        if (candidate / "config.json").is_file():
-            return candidate
-    names = sorted(p.name for p in MODELS_DIR.glob("*") if (p / "config.json").is_file())
-    raise UserError(f"no model folder {model!r}; give a folder with config.json or one of "
-                    f"{', '.join(names) or '(none trained yet: run make models)'}")
+    return resolve_model(model)
 
 
 @dataclass

@@ -90,8 +90,8 @@ def calibrate(*, device: str, store: str, out: str | Path, plots_dir: str | Path
               progress_factory: Callable[[int], Callable[[str], None]] | None = None) -> Calibration:
     """Measure, fit and write a hardware profile to `out`; return the calibration.
 
-    `compute_dtype` defaults to bfloat16 on CUDA and float32 on the CPU (CPU bf16 matmuls without AMX are
-    several times slower). `threads` sets torch's intra-op threads for the run (default: torch's own
+    `compute_dtype` defaults to the model's own dtype, which is what realrun computes in (it loads
+    models with `dtype="auto"`); on a CPU without AMX, bf16 matmuls are several times slower than float32. `threads` sets torch's intra-op threads for the run (default: torch's own
     choice, as realrun). `progress_factory(total)` returns a callback invoked once per measured point.
     """
     out = Path(out)
@@ -99,14 +99,14 @@ def calibrate(*, device: str, store: str, out: str | Path, plots_dir: str | Path
         raise UserError(f"--out {out} must end in .toml")
     if not out.parent.is_dir() and str(out.parent):
         raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
-    dtype_name = compute_dtype or ("bfloat16" if device == "cuda" else "float32")
-    if dtype_name not in COMPUTE_DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {dtype_name!r}")
+    if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {compute_dtype!r}")
     if scratch_dir is not None and not Path(scratch_dir).is_dir():
         raise UserError(f"--scratch {scratch_dir} is not a folder")
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be >= 1, not {threads}")
     spec = get_model_spec(model)
+    dtype_name = compute_dtype or spec.dtype  # realrun loads models with dtype="auto": their own dtype
     plan = default_plan(device, store, quick=quick, compute_dtype=COMPUTE_DTYPES[dtype_name],
                         scratch_dir=Path(scratch_dir) if scratch_dir else None)
 

@@ -40,7 +40,7 @@ def _tqdm_progress(total: int) -> Callable[[str], None]:
 @click.option("--model", default="qwen1.5-moe-a2.7b", show_default=True,
               help="Model whose expert and attention shapes are measured (built-in name or config.json).")
 @click.option("--dtype", "compute_dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
-              help="Compute dtype of the benchmarks [default: bfloat16 on cuda, float32 on cpu, as realrun].")
+              help="Compute dtype of the benchmarks [default: the model's dtype, as realrun computes].")
 @click.option("--scratch", "scratch_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for the disk benchmark's scratch file [default: the temp folder].")
 @click.option("--threads", type=int, default=None,
@@ -74,16 +74,37 @@ def calibrate(device: str, store: str, out: str, plots_dir: str | None, quick: b
               help="realrun's expert store.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="realrun's compute device.")
-@click.option("--prompts", default=None, help="Prompt set realrun runs [default: realrun's default].")
-@click.option("--max-new-tokens", type=int, default=None, help="Decode tokens per prompt [default: realrun's].")
+@click.option("--prompts", default=None,
+              help="JSON-lines prompt file ({\"text\"} or {\"token_ids\"} per line) [default: traces/prompts/default.jsonl].")
+@click.option("--max-new-tokens", type=int, default=16, show_default=True,
+              help="Tokens generated per prompt (the first by the prefill step).")
+@click.option("--num-prompts", type=int, default=4, show_default=True,
+              help="How many prompts of the prompt file each configuration runs.")
+@click.option("--store-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for realrun's expert stores, reused across runs [default: a temporary folder].")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the full result as JSON to this file.")
 def validate(profile: str, model: str, max_error: float, as_json: bool, budgets: str | None,
              presets: str | None, store: str, device: str, prompts: str | None,
-             max_new_tokens: int | None) -> None:
+             max_new_tokens: int, num_prompts: int, store_dir: str | None, out_path: str | None) -> None:
     """Run realrun and the simulator on the same runs; print measured vs simulated with errors."""
-    from calibration.validate import format_table, validate_runs
+    from tqdm import tqdm
 
-    result = validate_runs(profile=profile, model=model, max_error=max_error, budgets=budgets, presets=presets,
-                           store=store, device=device, prompts=prompts, max_new_tokens=max_new_tokens)
+    from calibration.validate import DEFAULT_BUDGETS, DEFAULT_PRESETS, format_table, validate_runs, write_json
+
+    total = (len(presets.split(",")) if presets else len(DEFAULT_PRESETS)) * (
+        len(budgets.split(",")) if budgets else len(DEFAULT_BUDGETS))
+    with tqdm(total=total, desc="validating", unit="config", file=sys.stderr, disable=None) as bar:
+        def step(label: str) -> None:
+            bar.set_postfix_str(label, refresh=False)
+            bar.update(1)
+
+        result = validate_runs(profile=profile, model=model, max_error=max_error, budgets=budgets,
+                               presets=presets, store=store, device=device, prompts=prompts,
+                               max_new_tokens=max_new_tokens, num_prompts=num_prompts, store_dir=store_dir,
+                               progress=step)
+    if out_path:
+        write_json(result, out_path)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
     if not result["summary"]["passed"]:
         sys.exit(1)

@@ -1,0 +1,205 @@
+"""`fatesim validate`: the simulator against realrun, configuration by configuration.
+
+For each (preset, budget) pair: realrun runs the model for real (CPU or CUDA, disk or RAM tier) and records
+the routing trace of that very run; the simulator replays that trace with the same policy, the same
+budget in bytes and the hardware profile under test. Both report the DESIGN §7 metrics; we compare
+prefill tokens/s, decode tokens/s and hit rate and give each the relative error (sim - real) / real.
+
+Fairness between the two sides:
+- realrun's controller is given the same profile as the simulator (it only matters for Fate's decode
+  prefetch count), so both make the same decisions on the same routing;
+- the budget is resolved once by realrun (its KV-cache reserve) and replayed as that exact byte count;
+- realrun's disk store is built once per set of precisions and reused (`store_dir`), with HQQ's plain
+  rounding (`optimize_quant=False`): quantisation quality changes the routing, which the trace records,
+  not the timing;
+- one untimed warm-up run precedes the measured ones (page tables, thread pools, the store file).
+
+The summary pools the absolute relative errors of the three metrics over all configurations (median and
+max) and reports them per metric too; `passed` is median <= max_error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from traces.errors import UserError
+
+DEFAULT_PRESETS = ("lod", "lru", "fate", "speculate", "cpu-exec")
+DEFAULT_BUDGETS = ("25%", "50%", "75%")
+METRICS = ("prefill_tokens_per_s", "decode_tokens_per_s", "hit_rate")
+
+
+def _split(text: str | None, default: tuple[str, ...], what: str) -> tuple[str, ...]:
+    if text is None:
+        return default
+    items = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not items:
+        raise UserError(f"--{what} is empty; give a comma-separated list")
+    return items
+
+
+def relative_error(simulated: float, measured: float) -> float:
+    """(simulated - measured) / measured; 0 when both are 0, infinity when only the measurement is 0."""
+    if measured == 0:
+        return 0.0 if simulated == 0 else float("inf")
+    return (simulated - measured) / measured
+
+
+def validate_runs(*, profile: str, model: str, max_error: float = 0.05, budgets: str | None = None,
+                  presets: str | None = None, store: str = "disk", device: str = "cpu",
+                  prompts: str | None = None, max_new_tokens: int | None = None, num_prompts: int = 4,
+                  store_dir: str | Path | None = None, warmup: bool = True,
+                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run every (preset, budget) configuration under realrun and the simulator; the comparison as a dict."""
+    from sim.hardware import load_profile
+    from sim.policies.presets import build_policy
+    from sim.replay import replay
+
+    if not 0 < max_error:
+        raise UserError(f"--max-error must be a positive fraction, not {max_error}")
+    if max_new_tokens is not None and max_new_tokens < 2:
+        raise UserError("--max-new-tokens must be at least 2 (one prefill token and a decode step)")
+    preset_list = _split(presets, DEFAULT_PRESETS, "presets")
+    budget_list = _split(budgets, DEFAULT_BUDGETS, "budgets")
+    policies = {name: build_policy(name) for name in preset_list}  # UserError on unknown presets, up front
+    hw = load_profile(profile)
+    if hw.device_kind != device:
+        raise UserError(f"profile {profile} describes a {hw.device_kind} device but --device is {device}; "
+                        "validate a profile on the machine kind it was calibrated for")
+    if num_prompts < 1:
+        raise UserError(f"--num-prompts must be at least 1, not {num_prompts}")
+    source_prompts = Path(prompts) if prompts else default_prompts()
+    new_tokens = max_new_tokens or 16
+    work = tempfile.TemporaryDirectory(prefix="fatesim-validate-", dir=os.environ.get("FATESIM_STORE_DIR"))
+    prompt_path = first_prompts(source_prompts, num_prompts, Path(work.name) / "prompts.jsonl")
+    stores = Path(store_dir) if store_dir else Path(work.name)
+    if not stores.is_dir():
+        raise UserError(f"--store-dir {stores} is not a folder")
+    rows: list[dict[str, Any]] = []
+    try:
+        def run_real(name: str, budget: str, trace_path: Path | None) -> dict[str, Any]:
+            # realrun's own steps (as run_realrun), calling run_offloaded for store reuse without HQQ's
+            # optimiser: the model is loaded afresh each run because realrun drops its expert weights.
+            from realrun.runner import storage_precisions
+            from realrun.session import load_model, load_prompts, resolve_model_dir, run_offloaded
+
+            folder = resolve_model_dir(model)
+            prompt_set = load_prompts(prompt_path, _tokenizer(folder))
+            precisions = "-".join(storage_precisions(policies[name]))
+            result, _ = run_offloaded(
+                load_model(folder, _torch_device(device)), prompt_set, model_name=model, policy=policies[name],
+                memory_budget=budget, device=_torch_device(device), store=store, max_new_tokens=new_tokens,
+                store_path=stores / f"experts-{precisions}.bin", profile=hw, optimize_quant=False,
+                trace_out=trace_path)
+            return result
+
+        if warmup:
+            run_real(preset_list[0], budget_list[-1], None)
+        for name in preset_list:
+            for budget in budget_list:
+                trace_path = Path(work.name) / f"{name}-{budget.replace('%', 'pct')}.safetensors"
+                started = time.perf_counter()
+                real = run_real(name, budget, trace_path)
+                real_s = time.perf_counter() - started
+                sim = replay(trace_path, policy=policies[name], hw=hw, memory_budget=int(real["memory_budget_bytes"]))
+                row: dict[str, Any] = {"preset": name, "budget": budget,
+                                       "memory_budget_bytes": int(real["memory_budget_bytes"]),
+                                       "realrun_wall_s": real_s}
+                for key in METRICS:
+                    row[key] = {"measured": float(real[key]), "simulated": float(sim[key]),
+                                "relative_error": relative_error(float(sim[key]), float(real[key]))}
+                row["measured_stall_s"] = float(real["gpu_stall_s"])
+                row["simulated_stall_s"] = float(sim["gpu_stall_s"])
+                rows.append(row)
+                if progress:
+                    progress(f"{name} {budget}")
+    finally:
+        work.cleanup()
+    return {"profile": hw.name, "profile_provenance": hw.provenance, "model": model, "device": device,
+            "store": store, "prompts": str(source_prompts), "num_prompts": num_prompts, "max_new_tokens": new_tokens,
+            "load_average": list(os.getloadavg()), "rows": rows, "summary": summarize(rows, max_error)}
+
+
+def summarize(rows: list[dict[str, Any]], max_error: float) -> dict[str, Any]:
+    """Median and max absolute relative error, pooled over METRICS and per metric; `passed` vs max_error."""
+    pooled = [abs(r[k]["relative_error"]) for r in rows for k in METRICS]
+    if not pooled:
+        raise UserError("no configurations were validated")
+    per_metric = {k: {"median_abs_error": statistics.median(abs(r[k]["relative_error"]) for r in rows),
+                      "max_abs_error": max(abs(r[k]["relative_error"]) for r in rows)} for k in METRICS}
+    median = statistics.median(pooled)
+    return {"configurations": len(rows), "median_abs_error": median, "max_abs_error": max(pooled),
+            "per_metric": per_metric, "max_error": max_error, "passed": median <= max_error}
+
+
+def _tokenizer(folder: Path) -> Any:
+    """The model folder's tokenizer, or None (prompts must then be token ids), as realrun loads it."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _torch_device(device: str) -> Any:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but torch sees no CUDA GPU; use --device cpu")
+    return torch.device(device)
+
+
+def default_prompts() -> Path:
+    """The repository's default prompt set (`traces.promptset.DEFAULT_PROMPTS`)."""
+    from traces.promptset import DEFAULT_PROMPTS
+
+    return DEFAULT_PROMPTS
+
+
+def first_prompts(source: Path, count: int, target: Path) -> Path:
+    """Copy the first `count` prompts (non-blank lines) of a JSON-lines prompt file to `target`."""
+    if not source.is_file():
+        raise UserError(f"no prompt file at {source}")
+    lines = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()][:count]
+    if not lines:
+        raise UserError(f"prompt file {source} holds no prompts")
+    target.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return target
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The comparison as a plain-text table, one configuration per line, then the summary."""
+    head = (f"{'preset':<10} {'budget':>6} | {'prefill tok/s real':>17} {'sim':>8} {'err':>7} | "
+            f"{'decode tok/s real':>17} {'sim':>8} {'err':>7} | {'hit real':>8} {'sim':>6} {'err':>7}")
+    lines = [f"profile {result['profile']} · model {result['model']} · {result['device']}/{result['store']} · "
+             f"{result['max_new_tokens']} new tokens per prompt", head, "-" * len(head)]
+    for r in result["rows"]:
+        cells = []
+        for key, fmt in (("prefill_tokens_per_s", "{:17.2f} {:8.2f}"), ("decode_tokens_per_s", "{:17.3f} {:8.3f}"),
+                         ("hit_rate", "{:8.3f} {:6.3f}")):
+            m = r[key]
+            cells.append(fmt.format(m["measured"], m["simulated"]) + f" {m['relative_error']:+7.1%}")
+        lines.append(f"{r['preset']:<10} {r['budget']:>6} | " + " | ".join(cells))
+    s = result["summary"]
+    lines.append(f"median |error| {s['median_abs_error']:.1%}, max |error| {s['max_abs_error']:.1%} over "
+                 f"{s['configurations']} configurations x 3 metrics; "
+                 + ", ".join(f"{k.removesuffix('_tokens_per_s')} median {v['median_abs_error']:.1%}"
+                             for k, v in s["per_metric"].items())
+                 + f" -> {'PASS' if s['passed'] else 'FAIL'} (--max-error {s['max_error']:.0%})")
+    return "\n".join(lines)
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> None:
+    """Write the comparison as JSON, atomically."""
+    from traces.atomic import atomic_output
+
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=2))

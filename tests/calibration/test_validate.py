@@ -1,0 +1,100 @@
+"""A small validation runs realrun and the simulator end to end on a tiny model and compares them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from calibration.calibrate import calibrate
+from calibration.validate import format_table, relative_error, summarize, validate_runs
+from sim.cli import main
+from traces.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tiny_model: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(model folder, a quick CPU profile calibrated with the tiny model's shapes, a prompt file)."""
+    folder = tmp_path_factory.mktemp("validate")
+    profile = folder / "tiny-cpu-disk.toml"
+    calibrate(device="cpu", store="disk", out=profile, quick=True, model=str(tiny_model[0]), scratch_dir=folder)
+    prompts = folder / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"text": t}) for t in (
+        "The quick brown fox jumps over", "Expert offloading moves weights between memory tiers",
+        "A stitch in time")) + "\n")
+    return tiny_model[0], profile, prompts
+
+
+@pytest.mark.slow
+def test_small_validation_end_to_end(tiny_setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """Two presets x two budgets: realrun's trace replays; hit rates agree; errors and summary are consistent."""
+    model, profile, prompts = tiny_setup
+    result = validate_runs(profile=str(profile), model=str(model), presets="lru,fate", budgets="30%,60%",
+                           prompts=str(prompts), max_new_tokens=4, num_prompts=2, store_dir=tmp_path)
+    rows = result["rows"]
+    assert [(r["preset"], r["budget"]) for r in rows] == [("lru", "30%"), ("lru", "60%"), ("fate", "30%"),
+                                                         ("fate", "60%")]
+    for r in rows:
+        for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+            m = r[key]
+            assert m["measured"] > 0 and m["simulated"] > 0
+            assert m["relative_error"] == pytest.approx((m["simulated"] - m["measured"]) / m["measured"])
+    lru = [r for r in rows if r["preset"] == "lru"]
+    for r in lru:  # same routing, same controller, no prediction: the caches hit exactly alike
+        assert r["hit_rate"]["simulated"] == pytest.approx(r["hit_rate"]["measured"], abs=1e-12)
+    assert lru[1]["hit_rate"]["measured"] >= lru[0]["hit_rate"]["measured"]
+    s = result["summary"]
+    pooled = sorted(abs(r[k]["relative_error"]) for r in rows for k in ("prefill_tokens_per_s",
+                                                                        "decode_tokens_per_s", "hit_rate"))
+    assert s["max_abs_error"] == pooled[-1] and s["configurations"] == 4
+    assert "median |error|" in format_table(result)
+    assert list(tmp_path.glob("experts-*.bin"))  # stores were built once and kept for reuse
+
+
+def test_summary_and_relative_error() -> None:
+    """Pooled median/max over the three metrics; pass/fail against max_error."""
+    def row(p: float, d: float, h: float) -> dict:
+        return {k: {"relative_error": v} for k, v in
+                zip(("prefill_tokens_per_s", "decode_tokens_per_s", "hit_rate"), (p, d, h), strict=True)}
+    s = summarize([row(0.1, -0.02, 0.0), row(-0.3, 0.04, 0.0)], max_error=0.05)
+    assert s["median_abs_error"] == pytest.approx(0.03) and s["max_abs_error"] == pytest.approx(0.3)
+    assert s["passed"] and not summarize([row(0.1, 0.1, 0.1)], 0.05)["passed"]
+    assert relative_error(11.0, 10.0) == pytest.approx(0.1) and relative_error(0.0, 0.0) == 0.0
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(presets="lod,nosuch"), "nosuch"),
+    (dict(budgets=" , "), "--budgets"),
+    (dict(max_error=0.0), "--max-error"),
+    (dict(max_new_tokens=1), "--max-new-tokens"),
+    (dict(device="cuda"), "cpu device"),
+])
+def test_bad_input_is_a_user_error(tiny_setup: tuple[Path, Path, Path], kwargs: dict, message: str) -> None:
+    """Unknown presets, empty lists, bad thresholds and a profile of another device kind are refused."""
+    model, profile, prompts = tiny_setup
+    args = dict(profile=str(profile), model=str(model), prompts=str(prompts)) | kwargs
+    with pytest.raises(UserError, match=message):
+        validate_runs(**args)
+
+
+def test_cli_missing_profile_exit_2(tiny_setup: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--profile", "/nonexistent/p.toml", "--model", str(tiny_setup[0])])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().startswith("fatesim: error: no profile file")
+
+
+@pytest.mark.slow
+def test_cli_exits_1_above_max_error(tiny_setup: tuple[Path, Path, Path], tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """With an impossible --max-error the command prints JSON with `summary` and exits 1."""
+    model, profile, prompts = tiny_setup
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--profile", str(profile), "--model", str(model), "--presets", "lod",
+              "--budgets", "50%", "--prompts", str(prompts), "--max-new-tokens", "2", "--num-prompts", "1",
+              "--max-error", "1e-12", "--json", "--out", str(tmp_path / "v.json")])
+    assert exit_info.value.code == 1
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["summary"]) >= {"median_abs_error", "max_abs_error"}
+    assert json.loads((tmp_path / "v.json").read_text())["summary"] == out["summary"]
