@@ -250,6 +250,10 @@ def format_predictors(report: dict) -> str:
             lines.append(f"{name:<12} {phase:<8} {pct(s['topk']['precision'])} {pct(s['topk']['recall'])} "
                          f"{pct(s['threshold']['precision'])} {pct(s['threshold']['recall'])} "
                          f"{'   –  ' if chosen is None else f'{chosen:6.2f}'}")
+    skew = report["model"]["skew"]
+    cos = report["model"].get("cosine_next_mean")
+    lines.append(f"popularity skew: mean Gini {skew['mean_gini']:.3f}, mean top-k share {100 * skew['mean_top_k_share']:.1f}%"
+                 + ("" if cos is None else f"; mean cosine of adjacent gate inputs {cos:.3f}"))
     names = list(report["model"]["predictors"])
     lines.append("")
     lines.append("per layer, precision@k over all evaluation tokens:")
