@@ -1,0 +1,79 @@
+"""`fatesim replay`, `policies` and `profiles` through the CLI root: output, JSON, exit code 2 on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sim.cli import main
+from sim.policies.presets import PRESETS
+from sim.synthetic import synthetic_trace
+from traces.format import write_trace
+
+
+@pytest.fixture(scope="module")
+def trace_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "syn.safetensors"
+    write_trace(synthetic_trace(sequences=1, prompt_tokens=8, decode_tokens=20, seed=2), path)
+    return path
+
+
+def _run(capsys, argv: list[str]) -> tuple[int, str, str]:
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_replay_prints_a_short_table(capsys, trace_file, tmp_path) -> None:
+    timeline = tmp_path / "t.json"
+    code, out, err = _run(capsys, ["replay", "--trace", str(trace_file), "--policy", "fate", "--hw", "rtx3090-pcie3",
+                                   "--memory-budget", "25%", "--timeline", str(timeline)])
+    assert code == 0, err
+    for label in ("policy", "memory budget", "prefill", "decode", "hit rate", "prefetch", "bytes moved", "GPU stall"):
+        assert label in out
+    assert json.loads(timeline.read_text())["traceEvents"]
+
+
+def test_replay_json_and_set(capsys, trace_file) -> None:
+    code, out, err = _run(capsys, ["replay", "--trace", str(trace_file), "--policy", "fate", "--memory-budget",
+                                   "6GiB", "--set", "eviction=lru", "--set", "int2_rate=0.5", "--json"])
+    assert code == 0, err
+    m = json.loads(out)
+    assert m["policy_components"]["eviction"] == "lru" and m["policy_components"]["int2_rate"] == 0.5
+    assert m["memory_budget_bytes"] == 6 * 2**30
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--policy", "nope"], "unknown policy 'nope'; choose one of"),
+    (["--hw", "nope"], "unknown hardware profile 'nope'"),
+    (["--memory-budget", "100MB"], "raise --memory-budget"),
+    (["--policy", "lru", "--memory-budget", "3%"], "fewer than top-4 experts"),
+    (["--as-model", "mixtral-8x7b"], "same routing structure"),
+    (["--set", "eviction"], "write key=value"),
+    (["--set", "evict=lru"], "unknown key"),
+    (["--set", "eviction=fifo"], "choose one of lru, lfu, arc, belady, none"),
+])
+def test_bad_input_exits_2_with_one_line(capsys, trace_file, extra: list[str], message: str) -> None:
+    code, out, err = _run(capsys, ["replay", "--trace", str(trace_file)] + extra)
+    assert code == 2
+    assert err.startswith("fatesim: error: ") and err.count("\n") == 1 and message in err
+
+
+def test_missing_trace_file_exits_2(capsys, tmp_path) -> None:
+    code, _, err = _run(capsys, ["replay", "--trace", str(tmp_path / "none.safetensors")])
+    assert code == 2 and err.count("\n") == 1
+
+
+def test_policies_and_profiles_list_everything(capsys) -> None:
+    code, out, _ = _run(capsys, ["policies"])
+    assert code == 0 and all(f"{name}:" in out for name in PRESETS) and "source:" in out
+    code, out, _ = _run(capsys, ["profiles", "--json"])
+    assert code == 0
+    profiles = json.loads(out)
+    assert "rtx3090-pcie3" in profiles and "gtx1080ti-pcie3" in profiles
+    assert all(p["provenance"] for p in profiles.values())
