@@ -17,6 +17,9 @@ The predictors (scores for target layer j of token t):
 * ``learned_d{d}`` — the learned estimator (`estimator.py`) from the gate input of layer j-d. Trained on
   the library split unless an estimator file is given. Needs `gate_inputs`.
 * ``oracle`` — the routed set itself (precision = recall = 1; the bar).
+Prefill is also scored per **step** (`prefill_steps`): one prompt's tokens are processed together, so the
+prefetcher needs the union of their experts; a predictor then fetches the union of its per-token top-k
+(or confident) experts, and precision/recall are over those sets, pooled over prompts and layers.
 Library and evaluation: sequences are split in two halves (first half = library, used for training the
 path, popularity and learned predictors; second half = evaluation for every predictor). A trace with one
 sequence is split by tokens.
@@ -94,6 +97,40 @@ def _summarise(counts: dict[str, int], k: int, tokens: int) -> dict:
     }
 
 
+def prefill_step_counts(scores: np.ndarray, actual: np.ndarray, steps: list[np.ndarray], k: int,
+                        threshold: float) -> dict[str, int]:
+    """Set-level counts over prefill steps: a step (one sequence's prompt) fetches the union of its tokens'
+    chosen experts; it needs the union of their routed experts. Fate's prefill prefetch works on this set.
+
+    Returns {"steps", "needed", "topk_tp", "topk_pred", "thr_tp", "thr_pred"} summed over steps.
+    """
+    counts = dict.fromkeys(("steps", "needed", "topk_tp", "topk_pred", "thr_tp", "thr_pred"), 0)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # [N, k]
+    for rows in steps:
+        need = actual[rows].any(axis=0)  # [E]
+        topk = np.zeros(scores.shape[1], dtype=bool)
+        topk[order[rows].ravel()] = True
+        conf = (scores[rows] >= threshold).any(axis=0)
+        counts["steps"] += 1
+        counts["needed"] += int(need.sum())
+        counts["topk_tp"] += int((topk & need).sum())
+        counts["topk_pred"] += int(topk.sum())
+        counts["thr_tp"] += int((conf & need).sum())
+        counts["thr_pred"] += int(conf.sum())
+    return counts
+
+
+def _summarise_steps(c: dict[str, int]) -> dict:
+    """Precision/recall of the per-step expert sets (fractions; None where undefined)."""
+    def frac(a: int, b: int) -> float | None:
+        return a / b if b else None
+
+    return {"steps": c["steps"], "experts_needed_per_step": frac(c["needed"], c["steps"]),
+            "topk": {"precision": frac(c["topk_tp"], c["topk_pred"]), "recall": frac(c["topk_tp"], c["needed"])},
+            "threshold": {"precision": frac(c["thr_tp"], c["thr_pred"]), "recall": frac(c["thr_tp"], c["needed"]),
+                          "chosen_per_step": frac(c["thr_pred"], c["steps"])}}
+
+
 def split_library(seq_slices: Sequence[slice], num_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """Boolean masks [T] (library, evaluation): first half of the sequences vs the rest (tokens if one)."""
     library = np.zeros(num_tokens, dtype=bool)
@@ -169,6 +206,8 @@ def predictor_report(trace, threshold: float = DEFAULT_THRESHOLD, estimator=None
     hot = multi_hot(ids, num_experts)  # [T, L, E]
     library, evaluation = split_library(trace.sequence_slices(), num_tokens)
     prefill = np.asarray(trace.is_prefill).astype(bool)[evaluation]  # [N]
+    eval_seq = np.asarray(trace.seq_ids)[evaluation]  # [N]
+    prefill_steps = [np.flatnonzero(prefill & (eval_seq == s)) for s in np.unique(eval_seq[prefill])]
     if predictors is not None and "gate" in families and trace.lookahead_logits is None:
         raise UserError("trace has no lookahead_logits; the cross-layer gate predictor needs them (record with look-ahead)")
     if predictors is not None and "learned" in families and trace.gate_inputs is None and estimator is None:
@@ -183,6 +222,7 @@ def predictor_report(trace, threshold: float = DEFAULT_THRESHOLD, estimator=None
 
     lib_pop = hot[library].mean(axis=0) if library.any() else hot.mean(axis=0)  # [L, E]
     pooled: dict[str, dict[str, dict[str, int]]] = {}
+    pooled_steps: dict[str, dict[str, int]] = {}
     layers_out = []
     for j in range(num_layers):
         actual = hot[evaluation][:, j]  # [N, E]
@@ -205,6 +245,12 @@ def predictor_report(trace, threshold: float = DEFAULT_THRESHOLD, estimator=None
                     scored[f"learned_d{d}"] = estimator.scores(j - d, x)[:, d - 1]
         entry: dict = {"layer": int(trace.model_config.moe_layer_indices[j]), "predictors": {}}
         for name, scores in scored.items():
+            if prefill_steps and name != "oracle":
+                step_counts = prefill_step_counts(np.asarray(scores), actual, prefill_steps, k, threshold)
+                entry.setdefault("prefill_steps", {})[name] = _summarise_steps(step_counts)
+                acc_steps = pooled_steps.setdefault(name, dict.fromkeys(step_counts, 0))
+                for key, value in step_counts.items():
+                    acc_steps[key] += value
             per_token = match_counts(np.asarray(scores), actual, k, threshold)
             entry["predictors"][name] = {}
             for phase, mask in (("prefill", prefill), ("decode", ~prefill)):
@@ -220,7 +266,8 @@ def predictor_report(trace, threshold: float = DEFAULT_THRESHOLD, estimator=None
         for j, cos in enumerate(adjacent_cosine(np.asarray(trace.gate_inputs))):
             layers_out[j]["cosine_next"] = cos
     model = {"predictors": {name: {phase: _summarise(c, k, c.pop("tokens")) for phase, c in phases.items()}
-                            for name, phases in pooled.items()}}
+                            for name, phases in pooled.items()},
+             "prefill_steps": {name: _summarise_steps(c) for name, c in pooled_steps.items()}}
     model["skew"] = {"mean_gini": float(np.mean([e["skew"]["gini"] or 0.0 for e in layers_out])),
                      "mean_top_k_share": float(np.mean([e["skew"]["top_k_share"] or 0.0 for e in layers_out]))}
     if trace.gate_inputs is not None:
@@ -250,6 +297,14 @@ def format_predictors(report: dict) -> str:
             lines.append(f"{name:<12} {phase:<8} {pct(s['topk']['precision'])} {pct(s['topk']['recall'])} "
                          f"{pct(s['threshold']['precision'])} {pct(s['threshold']['recall'])} "
                          f"{'   –  ' if chosen is None else f'{chosen:6.2f}'}")
+    if report["model"].get("prefill_steps"):
+        lines.append("prefill steps (the set of experts a whole prompt needs, per layer):")
+        for name, st in report["model"]["prefill_steps"].items():
+            chosen = st["threshold"]["chosen_per_step"]
+            lines.append(f"{name:<12} {'step':<8} {pct(st['topk']['precision'])} {pct(st['topk']['recall'])} "
+                         f"{pct(st['threshold']['precision'])} {pct(st['threshold']['recall'])} "
+                         f"{'   –  ' if chosen is None else f'{chosen:6.2f}'}  ({st['steps']} steps, "
+                         f"{st['experts_needed_per_step']:.1f} experts needed per step)")
     skew = report["model"]["skew"]
     cos = report["model"].get("cosine_next_mean")
     lines.append(f"popularity skew: mean Gini {skew['mean_gini']:.3f}, mean top-k share {100 * skew['mean_top_k_share']:.1f}%"

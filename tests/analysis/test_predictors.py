@@ -51,3 +51,14 @@ def test_missing_tensors_are_user_errors(structured_trace) -> None:
         predictor_report(bare, predictors=["learned"])
     report = predictor_report(bare)  # without restriction: what the trace allows
     assert set(report["model"]["predictors"]) == {"oracle", "popularity", "path"}
+
+
+def test_prefill_step_sets_hand_computed() -> None:
+    """E=4, k=1, one prefill step of two tokens. Scores favour expert 0 then 1; routed {0} and {2}.
+    Top-1 union {0,1} vs needed {0,2}: 1 of 2 right, recall 1/2. τ=0.3 picks 0 and 1 (tok 0), 1 (tok 1)."""
+    from sim.analysis.predictors import prefill_step_counts
+
+    scores = np.array([[0.6, 0.35, 0.05, 0.0], [0.2, 0.5, 0.25, 0.05]])
+    actual = np.array([[True, False, False, False], [False, False, True, False]])
+    c = prefill_step_counts(scores, actual, [np.array([0, 1])], 1, 0.3)
+    assert c == {"steps": 1, "needed": 2, "topk_tp": 1, "topk_pred": 2, "thr_tp": 1, "thr_pred": 2}
