@@ -185,6 +185,8 @@ class Calibration:
     cpu: RooflineFit
     dequant_bytes_per_s: dict[str, float]
     points: tuple[Point, ...]
+    attention_shortfall_s: float = 0.0
+    """Median decode attention time above the roofline's prediction, added to layer_overhead_s (s)."""
 
 
 def _select(points: Sequence[Point], *kinds: str) -> list[Point]:
@@ -196,7 +198,10 @@ def build_profile(points: Sequence[Point], *, name: str, device_kind: str, memor
     """Fit every model of the profile schema to `points` and assemble the profile."""
     link_pts = _select(points, "link")
     link = fit_link([p.nbytes for p in link_pts], [p.seconds for p in link_pts])
-    compute_pts = _select(points, "expert", "mlp", "attention")
+    # The roofline is fitted to the SwiGLU matmuls (routed and shared experts): the operations a policy
+    # multiplies. Attention on a CPU runs below that roofline (other kernels, bias adds, SDPA, KV-cache
+    # concatenation); its shortfall at decode is a fixed cost per layer and goes into layer_overhead_s.
+    compute_pts = _select(points, "expert", "mlp")
     compute = fit_roofline([p.flops for p in compute_pts], [p.nbytes for p in compute_pts],
                            [p.seconds for p in compute_pts])
     cpu_pts = _select(points, "cpu_expert") or _select(points, "expert")
@@ -211,6 +216,10 @@ def build_profile(points: Sequence[Point], *, name: str, device_kind: str, memor
     predictor = _select(points, "predictor")
     if not layer or not predictor:
         raise UserError("the layer-overhead and predictor measurements are missing")
+    decode_attention = [p for p in _select(points, "attention") if p.x == 1]
+    attention_shortfall_s = statistics.median(
+        [max(0.0, p.seconds - float(compute.predict_s(np.array([p.flops]), np.array([p.nbytes]))[0]))
+         for p in decode_attention]) if decode_attention else 0.0
     profile = HardwareProfile(
         name=name,
         description=description,
@@ -222,7 +231,7 @@ def build_profile(points: Sequence[Point], *, name: str, device_kind: str, memor
         gpu=RooflineModel(matmul_flops_per_s=compute.matmul_flops_per_s,
                           memory_bytes_per_s=compute.memory_bytes_per_s,
                           kernel_launch_s=compute.kernel_launch_s),
-        layer_overhead_s=statistics.median(p.seconds for p in layer),
+        layer_overhead_s=statistics.median(p.seconds for p in layer) + attention_shortfall_s,
         dequant=DequantModel(int8_bytes_per_s=dequant["int8"], int4_bytes_per_s=dequant["int4"],
                              int2_bytes_per_s=dequant["int2"]),
         cpu=CpuModel(
@@ -233,7 +242,7 @@ def build_profile(points: Sequence[Point], *, name: str, device_kind: str, memor
         ),
     )
     return Calibration(profile=profile, link=link, compute=compute, cpu=cpu, dequant_bytes_per_s=dequant,
-                       points=tuple(points))
+                       points=tuple(points), attention_shortfall_s=attention_shortfall_s)
 
 
 def provenance_line(command: str, versions: dict[str, str], when: _dt.datetime | None = None) -> str:

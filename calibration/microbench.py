@@ -257,28 +257,29 @@ def bench_shared_mlp(plan: BenchPlan, spec: ModelSpec) -> Iterator[Point]:
 
 
 def bench_attention(plan: BenchPlan, spec: ModelSpec) -> Iterator[Point]:
-    """One layer's attention: q/k/v/o projections and SDPA over a KV cache of `context` positions."""
+    """One layer's attention as transformers runs it: q/k/v projections (with bias, as Qwen2), SDPA over a
+    KV cache of `context` positions (causal in prefill), o projection."""
     gen = torch.Generator().manual_seed(4)
     dt, dev = plan.compute_dtype, plan.device
     h, heads, kv_heads, hd = spec.hidden_size, spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
-    wq = _weights(heads * hd, h, dt, dev, gen)
-    wkv = _weights(2 * kv_heads * hd, h, dt, dev, gen)
+    wq, wk, wv = (_weights(n * hd, h, dt, dev, gen) for n in (heads, kv_heads, kv_heads))
+    bq, bk, bv = (torch.zeros(n * hd, dtype=dt, device=dev) for n in (heads, kv_heads, kv_heads))
     wo = _weights(h, heads * hd, dt, dev, gen)
     for tokens, context in plan.attention_points:
         past = max(0, context - tokens)
         k_cache = torch.randn(1, kv_heads, past, hd, generator=gen).to(dt).to(dev)
         v_cache = torch.randn(1, kv_heads, past, hd, generator=gen).to(dt).to(dev)
-        x = torch.randn(tokens, h, generator=gen).to(dt).to(dev)
+        x = torch.randn(1, tokens, h, generator=gen).to(dt).to(dev)
 
         def attend(x: torch.Tensor = x, k_cache: torch.Tensor = k_cache, v_cache: torch.Tensor = v_cache,
                    tokens: int = tokens) -> torch.Tensor:
-            q = F.linear(x, wq).view(tokens, heads, hd).transpose(0, 1).unsqueeze(0)
-            k, v = F.linear(x, wkv).view(tokens, 2, kv_heads, hd).permute(1, 2, 0, 3).unsqueeze(1)
-            k = torch.cat([k_cache, k], dim=2)
+            q = F.linear(x, wq, bq).view(1, tokens, heads, hd).transpose(1, 2)      # [1, heads, n, hd]
+            k = F.linear(x, wk, bk).view(1, tokens, kv_heads, hd).transpose(1, 2)
+            v = F.linear(x, wv, bv).view(1, tokens, kv_heads, hd).transpose(1, 2)
+            k = torch.cat([k_cache, k], dim=2)  # the KV cache grows by the new tokens, as DynamicCache does
             v = torch.cat([v_cache, v], dim=2)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=tokens > 1,
-                                                 enable_gqa=kv_heads != heads)
-            return F.linear(out.squeeze(0).transpose(0, 1).reshape(tokens, heads * hd), wo)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=tokens > 1, enable_gqa=kv_heads != heads)
+            return F.linear(out.transpose(1, 2).reshape(1, tokens, heads * hd), wo)
 
         median, samples = time_op(attend, repeats=plan.repeats, min_seconds=plan.min_seconds, device=dev)
         yield Point("attention", tokens, spec.attention_flops(tokens, context), spec.attention_bytes(context),

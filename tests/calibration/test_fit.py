@@ -125,3 +125,18 @@ def test_build_profile_without_dequant_is_refused() -> None:
     with pytest.raises(UserError, match="dequantisation"):
         build_profile(pts, name="x", device_kind="cpu", memory_bytes=1, copy_engines=1, description="",
                       provenance="p")
+
+
+def test_attention_shortfall_goes_into_layer_overhead() -> None:
+    """Decode attention slower than the roofline adds its median excess to layer_overhead_s; the roofline
+    itself stays fitted to the expert matmuls."""
+    pts = synthetic_points()
+    roof = lambda f, b: 5e-6 + max(f / 100e9, b / 15e9)  # noqa: E731 - the synthetic machine
+    for context, excess in ((64, 1e-3), (256, 2e-3), (1024, 3e-3)):
+        f, b = 3.4e7 + 1e4 * context, 3.4e7 + 1e3 * context
+        pts.append(Point("attention", 1, f, b, roof(f, b) + excess, (roof(f, b) + excess,), context=context))
+    cal = build_profile(pts, name="s", device_kind="cpu", memory_bytes=1, copy_engines=1, description="",
+                        provenance="p")
+    assert cal.profile.gpu.memory_bytes_per_s == pytest.approx(15e9, rel=1e-6)
+    assert cal.attention_shortfall_s == pytest.approx(2e-3, rel=1e-4)
+    assert cal.profile.layer_overhead_s == pytest.approx(80e-6 + 2e-3, rel=1e-4)
