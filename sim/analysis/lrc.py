@@ -19,8 +19,8 @@ window — for each window of m tokens (stride 1, inside a sequence), the share 
 go to its ρ·k most used experts, pooled. It has no cold misses and no eviction order, so it is not a
 demand-paged cache; it is what a cache loaded with perfect knowledge at the start of each segment gets.
 
-For comparison, the same cache size is simulated with LRU, LFU (frequency since the sequence started,
-ties LRU) and Belady (evict the resident whose next use is furthest away; never-again first; ties LRU).
+For comparison, the same cache size is simulated with LRU, LFU (uses since insertion, ties LRU — the
+semantics of `sim.policies.eviction.LFU`) and Belady (evict the resident whose next use is furthest away; never-again first; ties LRU).
 All hit rates are pooled: hits / accesses over every token (and every layer, for the model figure).
 
 Shapes: T tokens, L MoE layers, k experts per token, E routed experts, C cache slots, W windows.
@@ -156,9 +156,9 @@ def cache_hits(
         tie = n + 2  # last-used times are < n: key = score * tie + last_used orders by score, then LRU
         future = _future_counts(seq, m, num_experts) if policy == "sch" else None
         nxt = _next_use(seq, num_experts) if policy == "belady" else None
-        freq = np.zeros((num_layers, num_experts), dtype=np.int64) if policy == "lfu" else None
         cache = np.full((num_layers, slots), -1, dtype=np.int64)  # [L, C] expert id, -1 empty
         last = np.full((num_layers, slots), -1, dtype=np.int64)  # [L, C] token of last use
+        uses = np.zeros((num_layers, slots), dtype=np.int64)  # [L, C] uses since insertion (LFU)
         for t in range(n):
             row = seq[t]  # [L, k]
             valid = row >= 0
@@ -168,9 +168,7 @@ def cache_hits(
             accesses += valid.sum(axis=1)
             protected = present.any(axis=2)  # [L, C] residents used by token t
             last[protected] = t
-            if freq is not None:
-                v_l, v_j = np.nonzero(valid)
-                np.add.at(freq, (v_l, row[v_l, v_j]), 1)
+            uses[protected] += 1
             for j in range(k):
                 need = valid[:, j] & ~hit[:, j]  # [L]
                 if not need.any():
@@ -179,7 +177,7 @@ def cache_hits(
                 if policy == "lru":
                     score = np.zeros_like(last)
                 elif policy == "lfu":
-                    score = freq[layers[:, None], resident]
+                    score = uses
                 elif policy == "sch":
                     score = future[t][layers[:, None], resident]
                 else:  # belady: furthest next use first
@@ -191,6 +189,7 @@ def cache_hits(
                 rows = layers[need]
                 cache[rows, victim[need]] = row[need, j]
                 last[rows, victim[need]] = t
+                uses[rows, victim[need]] = 1
                 protected[rows, victim[need]] = True
     return hits, accesses
 

@@ -129,3 +129,18 @@ def test_no_window_is_none_not_zero() -> None:
     report = lrc_report(_ids(0, 1, 2), [slice(0, 3)], 3, ms=(4,), rhos=(1,), baselines=False)
     assert report["model"]["srp"]["4"] is None and report["model"]["sch_static"]["1"]["4"] is None
     assert report["model"]["sch"]["1"]["4"] == 0.0  # the cache itself still runs: 0 hits of 3
+
+
+def test_baselines_agree_with_the_policy_classes() -> None:
+    """k = 1, one sequence: LRU, LFU and Belady hit counts equal sim.policies.eviction's reference caches
+    on random access strings (their semantics are the definition; ours is the vectorised, multi-layer one)."""
+    from sim.policies.eviction import simulate_cache
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        accesses = rng.integers(0, 6, size=40)
+        slots = int(rng.integers(1, 5))
+        for policy in ("lru", "lfu", "belady"):
+            ours = cache_hits(accesses.reshape(-1, 1, 1), [slice(0, 40)], slots, policy, 6)[0][0]
+            ref = sum(simulate_cache(policy, slots, accesses.tolist())[0])
+            assert ours == ref, (trial, policy, slots)
