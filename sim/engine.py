@@ -32,7 +32,7 @@ from sim.costs import CostModel
 from sim.link import DEMAND, PREFETCH, Link
 from sim.policies.controller import OffloadController, Transfer
 from sim.policies.prediction import Signals
-from sim.workload import Workload
+from sim.workload import RANK_DEPTH, Workload
 
 
 @dataclass
@@ -55,7 +55,8 @@ class EngineResult:
 class Engine:
     """Replays a workload through a controller on a cost model."""
 
-    def __init__(self, workload: Workload, ctl: OffloadController, costs: CostModel, *, record: bool = False) -> None:
+    def __init__(self, workload: Workload, ctl: OffloadController, costs: CostModel, *, record: bool = False,
+                 presorted: bool = True) -> None:
         self.workload = workload
         self.ctl = ctl
         self.costs = costs
@@ -66,6 +67,8 @@ class Engine:
                          record=record)
         self.predictor_latency_s = hw.cpu.predictor_latency_s
         self.predicts = ctl.policy.prefetch != "none"
+        self.rank = workload.lookahead_rank if presorted and ctl.prediction_limit <= RANK_DEPTH else None
+        """Pre-sorted look-ahead rankings handed to decode predictions (same result as sorting each time)."""
         self.cpu_free_at = 0.0
         """Closed-form CPU predictor thread: busy until (fast mode)."""
         self.cpu_expert_free_at = 0.0
@@ -95,6 +98,8 @@ class Engine:
         """Replay every step; yields each instant the stream waits until (for the SimPy driver)."""
         ctl, link, costs, record = self.ctl, self.link, self.costs, self.record
         probs = self.workload.lookahead_probs
+        rank = self.rank
+        signals = Signals(0, "decode", 1)  # refilled per layer; predictors do not keep it
         expert_s, cpu_expert_s = costs.expert_s, costs.cpu_expert_s
         now = 0.0
         for step in self.workload.steps:
@@ -103,6 +108,8 @@ class Engine:
             router_s = costs.hw.gpu.kernel_launch_s
             shared_s = costs.shared_s(n)
             ctl.start_forward(step.index, step.phase, n)
+            signals.step, signals.phase, signals.num_tokens = step.index, step.phase, n
+            signals.lookahead_rank = None
             self.step_start_at.append(now)
             t0 = step.token_start
             for layer, (ids, counts) in enumerate(step.routes):
@@ -111,14 +118,18 @@ class Engine:
                     self.gpu_spans.append(("attention", now, gate_at, {"layer": layer, "step": step.index}))
                 now = gate_at
                 yield now
-                link.advance(now)
+                if link.queue or link.in_flight:
+                    link.advance(now)
                 if self.predicts:
-                    look = None if probs is None else probs[:, t0:t0 + n, layer, :]
-                    prefetches = ctl.on_gate_input(layer, Signals(step.index, step.phase, n, look))
-                    self._post_prefetches(now, prefetches)
+                    if probs is not None:
+                        signals.lookahead_probs = probs[:, t0:t0 + n, layer, :]
+                        if rank is not None and n == 1:
+                            signals.lookahead_rank = (rank[0][:, t0, layer], rank[1][:, t0, layer])
+                    self._post_prefetches(now, ctl.on_gate_input(layer, signals))
                 now += router_s
                 yield now
-                link.advance(now)
+                if link.queue or link.in_flight:
+                    link.advance(now)
                 route_at = now
                 plan = ctl.on_route(layer, ids, counts)
                 for t in plan.cancelled:

@@ -14,6 +14,9 @@ import numpy as np
 
 from sim.policies.eviction import FutureAccess
 
+RANK_DEPTH = 32
+"""Experts kept per pre-sorted look-ahead ranking (no prefetch policy takes more per layer in decode)."""
+
 
 @dataclass(frozen=True)
 class Step:
@@ -44,6 +47,9 @@ class Workload:
     """[L, E] tokens routed to each expert over the whole trace (the profiling pass of static pinning)."""
     lookahead_probs: np.ndarray | None
     """[D, T, L, E] float32 softmax over E of the look-ahead logits, or None."""
+    lookahead_rank: tuple[np.ndarray, np.ndarray] | None
+    """(experts [D, T, L, m], probs [D, T, L, m]): the look-ahead probabilities sorted best first (ties: lower
+    id), m = min(E, RANK_DEPTH); computed once so decode predictions need no sort."""
     future: FutureAccess
     max_context: int
     """Longest sequence (KV-cache tokens the budget must hold)."""
@@ -95,7 +101,11 @@ def build_workload(trace) -> Workload:
     popularity = np.zeros((num_layers, num_experts), dtype=np.int64)
     for layer in range(num_layers):
         popularity[layer] = np.bincount(topk[:, layer, :].ravel(), minlength=num_experts)[:num_experts]
-    probs = None if trace.lookahead_logits is None else _softmax(np.asarray(trace.lookahead_logits))
+    probs = rank = None
+    if trace.lookahead_logits is not None:
+        probs = _softmax(np.asarray(trace.lookahead_logits))
+        order = np.argsort(-probs, axis=-1, kind="stable")[..., :RANK_DEPTH]  # [D, T, L, m]
+        rank = (order.astype(np.int16), np.take_along_axis(probs, order, axis=-1))
     future = FutureAccess([s.routes for s in steps], num_layers)
-    return Workload(tuple(steps), num_layers, num_experts, int(topk.shape[2]), popularity, probs, future,
+    return Workload(tuple(steps), num_layers, num_experts, int(topk.shape[2]), popularity, probs, rank, future,
                     max_context)

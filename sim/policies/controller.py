@@ -163,6 +163,8 @@ class OffloadController:
             policy.prefetch, policy.confidence, policy.prefetch_count,
             fate_decode_count(costs.decode_layer_s("int4"), costs.transfer_s(spec.expert_bytes("int4"))))
         limit = max(top_k, policy.prefetch_count, self.prefetch.fate_decode_count)
+        self.prediction_limit = limit
+        """Most candidates per layer ahead any decode prediction needs."""
         self.predictor = make_predictor(policy.prediction, num_layers=num_layers, num_experts=num_experts,
                                         top_k=top_k, depth=policy.lookahead, eap_history=policy.eap_history,
                                         limit=limit, future=future, score_fn=score_fn)
