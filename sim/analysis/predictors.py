@@ -303,8 +303,8 @@ def format_predictors(report: dict) -> str:
             chosen = st["threshold"]["chosen_per_step"]
             lines.append(f"{name:<12} {'step':<8} {pct(st['topk']['precision'])} {pct(st['topk']['recall'])} "
                          f"{pct(st['threshold']['precision'])} {pct(st['threshold']['recall'])} "
-                         f"{'   –  ' if chosen is None else f'{chosen:6.2f}'}  ({st['steps']} steps, "
-                         f"{st['experts_needed_per_step']:.1f} experts needed per step)")
+                         f"{'   –  ' if chosen is None else f'{chosen:6.2f}'}  ({st['steps']} prompt-layer sets, "
+                         f"{st['experts_needed_per_step']:.1f} experts needed per set)")
     skew = report["model"]["skew"]
     cos = report["model"].get("cosine_next_mean")
     lines.append(f"popularity skew: mean Gini {skew['mean_gini']:.3f}, mean top-k share {100 * skew['mean_top_k_share']:.1f}%"
