@@ -268,17 +268,6 @@ def agreement(model: torch.nn.Module, prompt: torch.Tensor, reference: torch.Ten
     return matches
 
 
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Run the block with `threads` intra-op threads, then restore torch's setting."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
 def measure_accuracy(*, model: str, text_path: str | Path, max_tokens: int = 1024, generate_tokens: int = 32,
                      num_prompts: int = 4, prompt_tokens: int = 48, window: int = 256, budget: str = "50%",
                      variants: tuple[str, ...] = VARIANTS, threads: int = 1) -> dict[str, Any]:
@@ -287,8 +276,8 @@ def measure_accuracy(*, model: str, text_path: str | Path, max_tokens: int = 102
     Runs with `threads` torch threads (default 1): the default models' matrices are small, and on a
     shared 2-core machine two spinning OpenMP threads made HQQ's quantiser 70x slower than one.
     """
-    if threads < 1:
-        raise UserError(f"threads must be >= 1, not {threads}")
+    from calibration.microbench import torch_threads
+
     with torch_threads(threads), torch.inference_mode():
         return _measure(model=model, text_path=text_path, max_tokens=max_tokens, generate_tokens=generate_tokens,
                         num_prompts=num_prompts, prompt_tokens=prompt_tokens, window=window, budget=budget,

@@ -21,7 +21,7 @@ import scipy
 import torch
 
 from calibration.fit import Calibration, build_profile, provenance_line
-from calibration.microbench import BenchPlan, count_steps, default_plan, run_all
+from calibration.microbench import BenchPlan, count_steps, default_plan, run_all, torch_threads
 from sim.hardware import load_profile, write_profile
 from sim.modelspec import get_model_spec
 from traces.atomic import atomic_output
@@ -63,9 +63,22 @@ def describe_machine(device: str, store: str, plan: BenchPlan, model: str) -> st
             f"1-min load average {load:.2f} while measuring")
 
 
+BENCH_LAYERS = 3
+"""Decoder layers of realrun's benchmark model used by `--model bench` (realrun.bench's default)."""
+
+
+def resolve_bench_alias(model: str) -> str:
+    """"bench" -> the folder of realrun's random Qwen-shaped benchmark model (generated once, cached)."""
+    if model != "bench":
+        return model
+    from realrun.bench import DEFAULT_CACHE, generate_model
+
+    return str(generate_model(DEFAULT_CACHE / f"qwen-moe-shapes-L{BENCH_LAYERS}", BENCH_LAYERS))
+
+
 def canonical_command(*, device: str, store: str, out: str | Path, plots_dir: str | Path | None, quick: bool,
                       model: str, compute_dtype: str | None, scratch_dir: str | Path | None,
-                      threads: int | None) -> str:
+                      threads: int) -> str:
     """The `fatesim calibrate` command line that reproduces a run with these arguments."""
     words = ["fatesim", "calibrate", "--device", device, "--store", store, "--out", str(out)]
     if plots_dir is not None:
@@ -78,7 +91,7 @@ def canonical_command(*, device: str, store: str, out: str | Path, plots_dir: st
         words += ["--dtype", compute_dtype]
     if scratch_dir is not None:
         words += ["--scratch", str(scratch_dir)]
-    if threads is not None:
+    if threads != 1:
         words += ["--threads", str(threads)]
     return shlex.join(words)
 
@@ -86,13 +99,15 @@ def canonical_command(*, device: str, store: str, out: str | Path, plots_dir: st
 def calibrate(*, device: str, store: str, out: str | Path, plots_dir: str | Path | None = None,
               quick: bool = False, model: str = "qwen1.5-moe-a2.7b", compute_dtype: str | None = None,
               scratch_dir: str | Path | None = None, name: str | None = None, command: str | None = None,
-              threads: int | None = None,
+              threads: int = 1,
               progress_factory: Callable[[int], Callable[[str], None]] | None = None) -> Calibration:
     """Measure, fit and write a hardware profile to `out`; return the calibration.
 
     `compute_dtype` defaults to the model's own dtype, which is what realrun computes in (it loads
-    models with `dtype="auto"`); on a CPU without AMX, bf16 matmuls are several times slower than float32. `threads` sets torch's intra-op threads for the run (default: torch's own
-    choice, as realrun). `progress_factory(total)` returns a callback invoked once per measured point.
+    models with `dtype="auto"`); on a CPU without AMX, bf16 matmuls are several times slower than float32.
+    `threads` sets torch's intra-op threads for the run (default 1, see `microbench.torch_threads`).
+    `model` may be "bench" (realrun's Qwen-shaped benchmark model, see `resolve_bench_alias`).
+    `progress_factory(total)` returns a callback invoked once per measured point.
     """
     out = Path(out)
     if out.suffix != ".toml":
@@ -103,22 +118,17 @@ def calibrate(*, device: str, store: str, out: str | Path, plots_dir: str | Path
         raise UserError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {compute_dtype!r}")
     if scratch_dir is not None and not Path(scratch_dir).is_dir():
         raise UserError(f"--scratch {scratch_dir} is not a folder")
-    if threads is not None and threads < 1:
+    if threads < 1:
         raise UserError(f"--threads must be >= 1, not {threads}")
-    spec = get_model_spec(model)
+    spec = get_model_spec(resolve_bench_alias(model))
     dtype_name = compute_dtype or spec.dtype  # realrun loads models with dtype="auto": their own dtype
     plan = default_plan(device, store, quick=quick, compute_dtype=COMPUTE_DTYPES[dtype_name],
                         scratch_dir=Path(scratch_dir) if scratch_dir else None)
 
     progress = progress_factory(count_steps(plan)) if progress_factory else (lambda _: None)
-    saved_threads = torch.get_num_threads()
-    try:
-        if threads is not None:
-            torch.set_num_threads(threads)
+    with torch_threads(threads):
         points = run_all(plan, spec, progress)
         measured_versions = versions()
-    finally:
-        torch.set_num_threads(saved_threads)
     command = command or canonical_command(device=device, store=store, out=out, plots_dir=plots_dir, quick=quick,
                                            model=model, compute_dtype=compute_dtype, scratch_dir=scratch_dir,
                                            threads=threads)

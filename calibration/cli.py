@@ -38,15 +38,16 @@ def _tqdm_progress(total: int) -> Callable[[str], None]:
               help="Folder for fit-against-measurement PNGs and the raw points (points.json).")
 @click.option("--quick", is_flag=True, help="Few sizes, 2 repeats: seconds instead of about five minutes.")
 @click.option("--model", default="qwen1.5-moe-a2.7b", show_default=True,
-              help="Model whose expert and attention shapes are measured (built-in name or config.json).")
+              help="Model whose shapes and dtype are measured: a built-in spec, a config.json folder, or "
+                   "'bench' (realrun's Qwen-shaped float32 benchmark model).")
 @click.option("--dtype", "compute_dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
               help="Compute dtype of the benchmarks [default: the model's dtype, as realrun computes].")
 @click.option("--scratch", "scratch_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for the disk benchmark's scratch file [default: the temp folder].")
-@click.option("--threads", type=int, default=None,
-              help="torch intra-op threads while measuring [default: torch's default, as realrun uses].")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="torch intra-op threads while measuring (1: stable on small shared machines, as realrun's bench).")
 def calibrate(device: str, store: str, out: str, plots_dir: str | None, quick: bool, model: str,
-              compute_dtype: str | None, scratch_dir: str | None, threads: int | None) -> None:
+              compute_dtype: str | None, scratch_dir: str | None, threads: int) -> None:
     """Measure this machine and write a hardware profile (fitted with scipy)."""
     from calibration.calibrate import calibrate as run
 
@@ -62,7 +63,9 @@ def calibrate(device: str, store: str, out: str, plots_dir: str | None, quick: b
 
 @click.command()
 @click.option("--profile", required=True, help="Hardware profile (shipped name or .toml path) the simulator uses.")
-@click.option("--model", required=True, help="Model realrun runs: a default model name or a model folder.")
+@click.option("--model", required=True,
+              help="Model realrun runs: a default model name, a model folder, or 'bench' (realrun's random "
+                   "Qwen-shaped model with the real expert sizes).")
 @click.option("--max-error", type=float, default=0.05, show_default=True,
               help="Exit 1 when the median absolute relative error exceeds this fraction.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON instead of a table.")
@@ -84,9 +87,11 @@ def calibrate(device: str, store: str, out: str, plots_dir: str | None, quick: b
               help="Folder for realrun's expert stores, reused across runs [default: a temporary folder].")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the full result as JSON to this file.")
+@click.option("--threads", type=int, default=1, show_default=True, help="torch intra-op threads for realrun.")
 def validate(profile: str, model: str, max_error: float, as_json: bool, budgets: str | None,
              presets: str | None, store: str, device: str, prompts: str | None,
-             max_new_tokens: int, num_prompts: int, store_dir: str | None, out_path: str | None) -> None:
+             max_new_tokens: int, num_prompts: int, store_dir: str | None, out_path: str | None,
+             threads: int) -> None:
     """Run realrun and the simulator on the same runs; print measured vs simulated with errors."""
     from tqdm import tqdm
 
@@ -102,7 +107,7 @@ def validate(profile: str, model: str, max_error: float, as_json: bool, budgets:
         result = validate_runs(profile=profile, model=model, max_error=max_error, budgets=budgets,
                                presets=presets, store=store, device=device, prompts=prompts,
                                max_new_tokens=max_new_tokens, num_prompts=num_prompts, store_dir=store_dir,
-                               progress=step)
+                               threads=threads, progress=step)
     if out_path:
         write_json(result, out_path)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))

@@ -14,8 +14,8 @@ Benchmarks, by `Point.kind`:
 - `mlp`: the shared experts of one layer (a SwiGLU of the shared intermediate size) on `x` tokens.
 - `attention`: one layer's attention (projections + SDPA over a KV cache) for `x` new tokens
   attending to `context` positions.
-- `dequant_<precision>`: unpacking one expert from `<precision>` to the compute dtype; `nbytes` is the
-  bf16 output size (the profile's dequantisation rate is in bytes of bf16 output per second).
+- `dequant_<precision>`: unpacking one expert from `<precision>` into the model's dtype; `nbytes` is the
+  unquantised expert size `spec.expert_bytes("bf16")`, what `sim.costs` divides by the profile's rate.
 - `layer`: the fixed per-layer work of one decode token: two RMSNorms, two residual adds, the router's
   softmax and top-k (the router matmul is a roofline op of its own in `sim.costs`).
 - `predictor`: the cross-layer predictor's decision for one token: the next layer's router applied to
@@ -27,6 +27,7 @@ each clock read (an honest wall time, as gpt-fast's `device_sync`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
@@ -113,6 +114,24 @@ def default_plan(device: str, store: str, *, quick: bool, compute_dtype: torch.d
         )
     return BenchPlan(device=device, store=store, link_sizes_bytes=sizes, compute_dtype=compute_dtype,
                      scratch_dir=scratch_dir or Path(tempfile.gettempdir()), **plan)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with `threads` torch intra-op threads, then restore torch's setting.
+
+    Calibration, validation and accuracy default to 1 thread, as realrun's benchmark does: on a small
+    shared machine, OpenMP worker threads that get descheduled make small operations 20-70x slower, and
+    the simulator's single "compute stream" is one thread.
+    """
+    if threads < 1:
+        raise UserError(f"--threads must be >= 1, not {threads}")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _align(nbytes: int) -> int:
@@ -221,6 +240,11 @@ def _swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch
     return F.linear(F.silu(gate) * up, down)
 
 
+def _byte_scale(plan: BenchPlan, spec: ModelSpec) -> float:
+    """Bytes the kernel really reads per byte the spec counts (1 unless --dtype differs from the model's)."""
+    return plan.compute_dtype.itemsize / spec.weight_bytes
+
+
 def _weights(rows: int, cols: int, dtype: torch.dtype, device: str, gen: torch.Generator) -> torch.Tensor:
     return (torch.randn(rows, cols, generator=gen) * 0.02).to(dtype=dtype, device=device)
 
@@ -235,7 +259,8 @@ def bench_experts(plan: BenchPlan, spec: ModelSpec, device: str, kind: str) -> I
         x = torch.randn(tokens, h, generator=gen).to(plan.compute_dtype).to(device)
         median, samples = time_op(lambda x=x: _swiglu(x, gate_up, down), repeats=plan.repeats,
                                   min_seconds=plan.min_seconds, device=device)
-        yield Point(kind, tokens, spec.expert_flops(tokens), spec.expert_bytes("bf16"), median, samples)
+        yield Point(kind, tokens, spec.expert_flops(tokens), spec.expert_bytes("bf16") * _byte_scale(plan, spec),
+                    median, samples)
 
 
 def bench_shared_mlp(plan: BenchPlan, spec: ModelSpec) -> Iterator[Point]:
@@ -253,7 +278,7 @@ def bench_shared_mlp(plan: BenchPlan, spec: ModelSpec) -> Iterator[Point]:
             flops, nbytes = spec.shared_expert_flops(tokens), spec.shared_expert_params * spec.weight_bytes
         else:
             flops, nbytes = spec.dense_mlp_flops(tokens), spec.dense_mlp_params * spec.weight_bytes
-        yield Point("mlp", tokens, flops, nbytes, median, samples)
+        yield Point("mlp", tokens, flops, nbytes * _byte_scale(plan, spec), median, samples)
 
 
 def bench_attention(plan: BenchPlan, spec: ModelSpec) -> Iterator[Point]:
@@ -282,8 +307,8 @@ def bench_attention(plan: BenchPlan, spec: ModelSpec) -> Iterator[Point]:
             return F.linear(out.transpose(1, 2).reshape(1, tokens, heads * hd), wo)
 
         median, samples = time_op(attend, repeats=plan.repeats, min_seconds=plan.min_seconds, device=dev)
-        yield Point("attention", tokens, spec.attention_flops(tokens, context), spec.attention_bytes(context),
-                    median, samples, context=context)
+        yield Point("attention", tokens, spec.attention_flops(tokens, context),
+                    spec.attention_bytes(context) * _byte_scale(plan, spec), median, samples, context=context)
 
 
 def bench_layer_overhead(plan: BenchPlan, spec: ModelSpec) -> Point:
@@ -337,7 +362,7 @@ def bench_dequant(plan: BenchPlan, spec: ModelSpec, precision: str) -> Point:
     dequantizer = Dequantizer(layout, device=plan.device)
     median, samples = time_op(lambda: dequantizer.unpack_into(record), repeats=plan.repeats,
                               min_seconds=plan.min_seconds, device=plan.device)
-    out_bytes = spec.expert_params * 2  # bf16 output bytes, the profile's unit
+    out_bytes = spec.expert_bytes("bf16")  # unquantised output bytes: what sim.costs divides by the rate
     return Point(f"dequant_{precision}", out_bytes, 0.0, out_bytes, median, samples)
 
 

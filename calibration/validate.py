@@ -55,9 +55,27 @@ def relative_error(simulated: float, measured: float) -> float:
 def validate_runs(*, profile: str, model: str, max_error: float = 0.05, budgets: str | None = None,
                   presets: str | None = None, store: str = "disk", device: str = "cpu",
                   prompts: str | None = None, max_new_tokens: int | None = None, num_prompts: int = 4,
-                  store_dir: str | Path | None = None, warmup: bool = True,
+                  store_dir: str | Path | None = None, warmup: bool = True, threads: int = 1,
                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run every (preset, budget) configuration under realrun and the simulator; the comparison as a dict."""
+    """Run every (preset, budget) configuration under realrun and the simulator; the comparison as a dict.
+
+    `model` is a model folder, a default model name, or "bench" (realrun's random Qwen-shaped model, see
+    `calibration.calibrate.resolve_bench_alias`). Models without a tokenizer get seeded random token-id
+    prompts unless `prompts` is given. `threads`: torch intra-op threads for realrun (default 1, as the
+    calibration).
+    """
+    from calibration.microbench import torch_threads
+
+    with torch_threads(threads):
+        return _validate(profile=profile, model=model, max_error=max_error, budgets=budgets, presets=presets,
+                         store=store, device=device, prompts=prompts, max_new_tokens=max_new_tokens,
+                         num_prompts=num_prompts, store_dir=store_dir, warmup=warmup, progress=progress)
+
+
+def _validate(*, profile: str, model: str, max_error: float, budgets: str | None, presets: str | None,
+              store: str, device: str, prompts: str | None, max_new_tokens: int | None, num_prompts: int,
+              store_dir: str | Path | None, warmup: bool, progress: Callable[[str], None] | None) -> dict[str, Any]:
+    from calibration.calibrate import resolve_bench_alias
     from sim.hardware import load_profile
     from sim.policies.presets import build_policy
     from sim.replay import replay
@@ -75,9 +93,13 @@ def validate_runs(*, profile: str, model: str, max_error: float = 0.05, budgets:
                         "validate a profile on the machine kind it was calibrated for")
     if num_prompts < 1:
         raise UserError(f"--num-prompts must be at least 1, not {num_prompts}")
-    source_prompts = Path(prompts) if prompts else default_prompts()
     new_tokens = max_new_tokens or 16
+    model_folder = _model_folder(resolve_bench_alias(model))
     work = tempfile.TemporaryDirectory(prefix="fatesim-validate-", dir=os.environ.get("FATESIM_STORE_DIR"))
+    if prompts is None and _tokenizer(model_folder) is None:
+        source_prompts = random_token_prompts(model_folder, num_prompts, Path(work.name) / "random.jsonl")
+    else:
+        source_prompts = Path(prompts) if prompts else default_prompts()
     prompt_path = first_prompts(source_prompts, num_prompts, Path(work.name) / "prompts.jsonl")
     stores = Path(store_dir) if store_dir else Path(work.name)
     if not stores.is_dir():
@@ -88,17 +110,22 @@ def validate_runs(*, profile: str, model: str, max_error: float = 0.05, budgets:
             # realrun's own steps (as run_realrun), calling run_offloaded for store reuse without HQQ's
             # optimiser: the model is loaded afresh each run because realrun drops its expert weights.
             from realrun.runner import storage_precisions
-            from realrun.session import load_model, load_prompts, resolve_model_dir, run_offloaded
+            from realrun.session import load_model, load_prompts, run_offloaded
 
-            folder = resolve_model_dir(model)
-            prompt_set = load_prompts(prompt_path, _tokenizer(folder))
+            prompt_set = load_prompts(prompt_path, _tokenizer(model_folder))
             precisions = "-".join(storage_precisions(policies[name]))
             result, _ = run_offloaded(
-                load_model(folder, _torch_device(device)), prompt_set, model_name=model, policy=policies[name],
-                memory_budget=budget, device=_torch_device(device), store=store, max_new_tokens=new_tokens,
-                store_path=stores / f"experts-{precisions}.bin", profile=hw, optimize_quant=False,
-                trace_out=trace_path)
+                load_model(model_folder, _torch_device(device)), prompt_set, model_name=model,
+                policy=policies[name], memory_budget=budget, device=_torch_device(device),
+                store=store_of(name), max_new_tokens=new_tokens,
+                store_path=stores / f"experts-{store_of(name)}-{precisions}.bin", profile=hw,
+                optimize_quant=False, trace_out=trace_path)
             return result
+
+        def store_of(name: str) -> str:
+            # realrun computes missed experts on the CPU from their host-RAM copy: cpu-exec needs the RAM
+            # tier. It never loads a miss, so the tier only holds what the CPU reads.
+            return "ram" if policies[name].miss == "cpu" else store
 
         if warmup:
             run_real(preset_list[0], budget_list[-1], None)
@@ -109,7 +136,7 @@ def validate_runs(*, profile: str, model: str, max_error: float = 0.05, budgets:
                 real = run_real(name, budget, trace_path)
                 real_s = time.perf_counter() - started
                 sim = replay(trace_path, policy=policies[name], hw=hw, memory_budget=int(real["memory_budget_bytes"]))
-                row: dict[str, Any] = {"preset": name, "budget": budget,
+                row: dict[str, Any] = {"preset": name, "budget": budget, "store": store_of(name),
                                        "memory_budget_bytes": int(real["memory_budget_bytes"]),
                                        "realrun_wall_s": real_s}
                 for key in METRICS:
@@ -137,6 +164,23 @@ def summarize(rows: list[dict[str, Any]], max_error: float) -> dict[str, Any]:
     median = statistics.median(pooled)
     return {"configurations": len(rows), "median_abs_error": median, "max_abs_error": max(pooled),
             "per_metric": per_metric, "max_error": max_error, "passed": median <= max_error}
+
+
+def _model_folder(model: str) -> Path:
+    from realrun.session import resolve_model_dir
+
+    return Path(resolve_model_dir(model))
+
+
+def random_token_prompts(folder: Path, count: int, target: Path, tokens: int = 32, seed: int = 0) -> Path:
+    """Seeded random token-id prompts (realrun.bench's) for a model without a tokenizer, as JSON lines."""
+    from realrun.bench import random_prompts
+    from sim.modelspec import ModelSpec
+
+    vocab = ModelSpec.from_config_file(folder).vocab_size
+    lines = [json.dumps({"token_ids": ids}) for ids in random_prompts(count, tokens, vocab, seed).token_ids]
+    target.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return target
 
 
 def _tokenizer(folder: Path) -> Any:

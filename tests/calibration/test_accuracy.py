@@ -49,7 +49,7 @@ def test_cli_json(tiny_model: tuple[Path, Path], capsys: pytest.CaptureFixture[s
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--model", "no-such-model", "--text", "TEXT"], "no model folder"),
+    (["--model", "no-such-model", "--text", "TEXT"], "neither an embedded model"),
     (["--model", "MODEL", "--text", "/nonexistent.txt"], "no text file"),
     (["--model", "MODEL", "--text", "TEXT", "--generate-tokens", "0"], "generate-tokens"),
     (["--model", "MODEL", "--text", "TEXT", "--variants", "int3"], "unknown accuracy variant"),
