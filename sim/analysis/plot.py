@@ -92,9 +92,13 @@ def plot_throughput(rows: list[dict], out_dir: Path) -> list[Path]:
         lines: dict[str, list[dict]] = defaultdict(list)
         for r in prow:
             lines[_label(r, extra)].append(r)
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for ax, metric, title in ((axes[0], "decode_tokens_per_s", "Decode"),
-                                  (axes[1], "prefill_tokens_per_s", "Prefill")):
+        metrics = [(m, t) for m, t in (("decode_tokens_per_s", "Decode"), ("prefill_tokens_per_s", "Prefill"))
+                   if any(r.get(m) not in (None, "", 0, 0.0) for r in prow)]  # a decode-only trace has no prefill
+        if not metrics:
+            continue
+        fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics) + 0.5, 4.2), squeeze=False)
+        axes = axes[0]
+        for ax, (metric, title) in zip(axes, metrics, strict=True):
             for label, lrows in sorted(lines.items()):
                 pts = sorted((_budget_gib(r), float(r[metric])) for r in lrows if r.get(metric) not in (None, ""))
                 if pts:
@@ -104,7 +108,7 @@ def plot_throughput(rows: list[dict], out_dir: Path) -> list[Path]:
             ax.set_title(f"{title} throughput")
             ax.grid(True, alpha=0.3)
             ax.set_ylim(bottom=0)
-        axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
         model = prow[0].get("model", "")
         fig.suptitle(f"{model} on {profile}".strip(), y=1.02)
         name = "throughput_vs_budget" + (f"-{profile}" if len(groups) > 1 else "") + ".png"
