@@ -62,7 +62,7 @@ class PlanResult:
             budget = "–" if r.budget_bytes is None else format_bytes(r.budget_bytes)
             share = "–" if r.budget_bytes is None else f"{100 * self.expert_share(r.budget_bytes):.1f}%"
             dec = "–" if r.decode_tokens_per_s is None else f"{r.decode_tokens_per_s:.2f}"
-            pre = "–" if r.prefill_tokens_per_s is None else f"{r.prefill_tokens_per_s:.1f}"
+            pre = "–" if not r.prefill_tokens_per_s else f"{r.prefill_tokens_per_s:.1f}"  # 0: no prefill in the trace
             lines.append(f"{r.policy:<20} {budget:>12} {share:>8} {dec:>13} {pre:>14} {r.replays:>7}  {r.note}")
         return "\n".join(lines)
 
@@ -175,6 +175,7 @@ def plan(model: str, hw: str, target_decode: float | None = None, budget: str | 
                                      note=f"best {top['decode_tokens_per_s']:.2f} tok/s at {format_bytes(hi_all)}"))
             continue
         lo, hi, best = lo_all, hi_all, top  # invariant: hi meets the target
+        lo_refused = False  # True when lo is below what the policy can run with at all
         try:
             bottom = run(name, lo)
             replays += 1
@@ -182,19 +183,23 @@ def plan(model: str, hw: str, target_decode: float | None = None, budget: str | 
                 hi, best = lo, bottom
         except UserError:
             replays += 1  # too small to run at all: the bisection looks above it
+            lo_refused = True
         while hi - lo > step:
             mid = (lo + hi) // 2
             replays += 1
             try:
                 m = run(name, mid)
                 meets = m["decode_tokens_per_s"] >= target_decode
+                refused = False
             except UserError:
-                meets = False
+                meets, refused = False, True
             if meets:
                 hi, best = mid, m
             else:
-                lo = mid
-        rows.append(PolicyAnswer(name, hi, best["decode_tokens_per_s"], best.get("prefill_tokens_per_s"), replays))
+                lo, lo_refused = mid, refused
+        note = "the smallest budget this policy runs with" if lo_refused else ""
+        rows.append(PolicyAnswer(name, hi, best["decode_tokens_per_s"], best.get("prefill_tokens_per_s"), replays,
+                                 note=note))
     ok = sorted((r for r in rows if r.budget_bytes is not None), key=lambda r: (r.budget_bytes, r.policy))
     rows = ok + [r for r in rows if r.budget_bytes is None]
     if not ok:
