@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from realrun.experts import OffloadedExperts, expert_forward
 from realrun.loader import Copy, Loader
-from realrun.quant import Dequantizer, ExpertLayout, raw_views
+from realrun.quant import Dequantizer, ExpertLayout, Int4Matmuls, raw_views
 from realrun.store import DiskStore, SlowStore, aligned_buffer
 from sim.modelspec import ModelSpec
 from sim.policies.controller import LayerPlan, OffloadController, Transfer
@@ -126,9 +126,9 @@ class OffloadEngine:
             arena = self._alloc(n * self.slot_stride)
             self.arenas.append(arena)
             self.slots.append([arena[i * self.slot_stride : (i + 1) * self.slot_stride] for i in range(n)])
-        self.dequant = {p: Dequantizer(lay, device) for p, lay in layouts.items() if lay.group_size}
-        self.cpu_dequant = ({p: Dequantizer(lay, "cpu") for p, lay in layouts.items() if lay.group_size}
-                            if device.type == "cuda" else self.dequant)
+        self.dequant = {p: Dequantizer(lay, device) for p, lay in layouts.items()
+                        if lay.group_size and lay.packing == "hqq"}
+        self.int4_mm = {p: Int4Matmuls(lay) for p, lay in layouts.items() if lay.packing == "tinygemm"}
         # CUDA: the event recorded on the compute stream after each slot was last read
         self.slot_free: list[list[torch.cuda.Event | None]] = [[None] * n for n in controller.slots_per_layer]
         staging = self.slot_stride if device.type == "cuda" and isinstance(store, DiskStore) else 0
@@ -336,9 +336,9 @@ class OffloadEngine:
             slot = transfer.slot if transfer is not None else slot_of.get(expert)
             if slot is None:
                 slot = self._slot_of(layer, expert)
-            gate_up, down = self._weights(self.slots[layer][slot], precision)
             routed = served_by.get(expert, expert)
-            outputs[routed] = self._one(hidden, expert_mask[routed], top_k_weights, gate_up, down, act_fn)
+            outputs[routed] = self._compute(self.slots[layer][slot], precision, hidden, expert_mask[routed],
+                                            top_k_weights, act_fn)
             if self.device.type == "cuda":
                 ev = torch.cuda.Event()
                 ev.record()
@@ -358,11 +358,19 @@ class OffloadEngine:
             raise RuntimeError(f"controller planned expert {expert} of layer {layer} but it is not resident")
         return t.slot
 
-    def _weights(self, record: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _compute(self, record: torch.Tensor, precision: str, hidden: torch.Tensor, mask: torch.Tensor,
+                 top_k_weights: torch.Tensor, act_fn) -> tuple[torch.Tensor, torch.Tensor]:
+        """One expert from its record on the tokens `mask` [k, N] routes to it -> (token_idx, [n, H])."""
         layout = self.layouts[precision]
+        if layout.packing == "tinygemm":  # CPU int4: multiply straight from the packed slot
+            top_k_pos, token_idx = torch.where(mask)
+            y = self.int4_mm[precision].forward(record, hidden[token_idx], act_fn)
+            return token_idx, y * top_k_weights[token_idx, top_k_pos, None]
         if layout.group_size == 0:
-            return raw_views(record, layout)  # lossless: compute straight from the slot, no copy
-        return self.dequant[precision].unpack_into(record)
+            gate_up, down = raw_views(record, layout)  # lossless: compute straight from the slot, no copy
+        else:
+            gate_up, down = self.dequant[precision].unpack_into(record)
+        return self._one(hidden, mask, top_k_weights, gate_up, down, act_fn)
 
     @staticmethod
     def _one(hidden: torch.Tensor, mask: torch.Tensor, top_k_weights: torch.Tensor, gate_up: torch.Tensor,
@@ -374,19 +382,17 @@ class OffloadEngine:
     def _cpu_expert(self, layer: int, expert: int, hidden: torch.Tensor, mask: torch.Tensor,
                     top_k_weights: torch.Tensor, act_fn) -> tuple[torch.Tensor, torch.Tensor]:
         """Compute a missed expert on the CPU from its host-RAM record (Fiddler): nothing is moved."""
-        precision = next(iter(self.layouts)) if "bf16" not in self.layouts else "bf16"
+        precision = "bf16" if "bf16" in self.layouts else next(iter(self.layouts))
         record = self.store.host_record(layer, expert, precision)
         if record is None:
             raise UserError("CPU execution of missed experts reads them from host RAM; use --store ram")
-        layout = self.layouts[precision]
-        if layout.group_size == 0:
-            gate_up, down = raw_views(record, layout)
-        else:
-            gate_up, down = self.cpu_dequant[precision].unpack_into(record)
         if self.device.type == "cuda":
+            if self.layouts[precision].group_size:
+                raise UserError("CPU execution on a CUDA run needs the experts' bf16 copies in host RAM")
+            gate_up, down = raw_views(record, self.layouts[precision])
             token_idx, y = self._one(hidden.cpu(), mask.cpu(), top_k_weights.cpu(), gate_up, down, act_fn)
             return token_idx.to(self.device), y.to(self.device)
-        return self._one(hidden, mask, top_k_weights, gate_up, down, act_fn)
+        return self._compute(record, precision, hidden, mask, top_k_weights, act_fn)
 
     def _record(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> None:

@@ -8,8 +8,16 @@ axis 1) and stored as HQQ's bit-packed uint8 codes followed by the float32 scale
 group. The record of every precision is exactly `sim.modelspec.ModelSpec.expert_bytes(precision)` bytes
 long, so the bytes realrun moves are the bytes the simulator assumes.
 
-`pack_expert` / `unpack_expert_into` are the codec pair (round trip tested against HQQ's own
-`Quantizer.dequantize`); `ExpertLayout` is the self-describing metadata: shapes, offsets, precision.
+`pack_expert` / `Dequantizer.unpack_into` are the codec pair (round trip tested against HQQ's own
+`Quantizer.dequantize`); `ExpertLayout` is the self-describing metadata: shapes, offsets, precision, packing.
+
+Two packings of the same HQQ codes, of the same byte size:
+- `hqq`: HQQ's own bit packing; dequantised in fast memory (`Dequantizer`): the portable form, used on CUDA.
+- `tinygemm` (int4 only, CPU): the codes in the layout of PyTorch's CPU int4 kernel
+  (`aten._weight_int4pack_mm_for_cpu`, gpt-fast's int4 path) and scale/zero in its convention
+  (w = (q - 8) * scale + zero, [K/group, N]), still float32. A CPU expert then multiplies straight from the
+  packed slot (`Int4Matmuls`): dequantising 35 MB of float32 weights per expert use would cost more CPU time
+  than reading the bf16 expert from an NVMe disk, which turns the point of INT4 transfers upside down.
 """
 
 from __future__ import annotations
@@ -78,6 +86,8 @@ class ExpertLayout:
     matrices: tuple[MatrixLayout, MatrixLayout, MatrixLayout]
     nbytes: int
     """Bytes of the whole record."""
+    packing: str = "hqq"
+    """"hqq" or "tinygemm" (see the module docstring); same bytes either way."""
 
     @property
     def bits(self) -> int:
@@ -88,9 +98,14 @@ class ExpertLayout:
         return PRECISIONS[self.precision].group_size
 
 
-def expert_layout(spec: ModelSpec, precision: str) -> ExpertLayout:
+PACKINGS = ("hqq", "tinygemm")
+
+
+def expert_layout(spec: ModelSpec, precision: str, packing: str = "hqq") -> ExpertLayout:
     """The layout of one expert of `spec` in `precision`; UserError if HQQ cannot pack its shapes."""
     prec = get_precision(precision)
+    if packing not in PACKINGS or (packing == "tinygemm" and precision != "int4"):
+        raise ValueError(f"packing {packing!r} is not available for {precision}")
     hidden, inter = spec.hidden_size, spec.expert_intermediate_size
     dtype = torch_dtype(spec.dtype)
     shapes = (("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter)))
@@ -108,10 +123,13 @@ def expert_layout(spec: ModelSpec, precision: str) -> ExpertLayout:
                     f"cannot pack a {shape[0]}x{shape[1]} expert matrix in {precision}: its size must be a "
                     f"multiple of {prec.group_size * per_byte} weights"
                 )
+            if packing == "tinygemm" and shape[1] % prec.group_size:
+                raise UserError(f"the CPU int4 kernel needs rows of a multiple of {prec.group_size} weights, "
+                                f"not {shape[1]}")
             code_bytes, groups = numel * prec.bits // 8, numel // prec.group_size
         matrices.append(MatrixLayout(name, shape, offset, code_bytes, groups))
         offset = matrices[-1].end
-    layout = ExpertLayout(precision, hidden, inter, dtype, tuple(matrices), offset)  # type: ignore[arg-type]
+    layout = ExpertLayout(precision, hidden, inter, dtype, tuple(matrices), offset, packing)  # type: ignore[arg-type]
     if layout.nbytes != spec.expert_bytes(precision):  # the contract with the simulator
         raise AssertionError(f"{precision} record {layout.nbytes} B != spec {spec.expert_bytes(precision)} B")
     return layout
@@ -141,6 +159,9 @@ def pack_expert(
             raw = w.to(layout.dtype).contiguous().view(-1).view(torch.uint8)
             record[m.offset : m.offset + m.code_bytes] = raw
             continue
+        if layout.packing == "tinygemm":
+            _pack_tinygemm(w, m, layout, record, optimize)
+            continue
         codes, meta = Quantizer.quantize(
             w.float(), nbits=layout.bits, group_size=layout.group_size, axis=1, optimize=optimize,
             bitpack=True, compute_dtype=torch.float32, device="cpu",
@@ -149,6 +170,51 @@ def pack_expert(
         record[m.scale_offset : m.zero_offset] = meta["scale"].float().contiguous().view(-1).view(torch.uint8)
         record[m.zero_offset : m.end] = meta["zero"].float().contiguous().view(-1).view(torch.uint8)
     return record
+
+
+def _pack_tinygemm(w: torch.Tensor, m: MatrixLayout, layout: ExpertLayout, record: torch.Tensor,
+                   optimize: bool) -> None:
+    """HQQ int4 codes of one [N, K] matrix, stored in the CPU int4 kernel's layout and convention."""
+    g = layout.group_size
+    codes, meta = Quantizer.quantize(w.float(), nbits=4, group_size=g, axis=1, optimize=optimize, bitpack=False,
+                                     compute_dtype=torch.float32, device="cpu")
+    n_rows, k = m.shape
+    q = codes.reshape(n_rows, k).to(torch.int32)  # [N, K], 0..15
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # [N, K / 2] uint8
+    scale = meta["scale"].float().reshape(n_rows, k // g)  # HQQ: w = (q - zero) * scale
+    zero = meta["zero"].float().reshape(n_rows, k // g)
+    tg_zero = (8.0 - zero) * scale  # kernel: w = (q - 8) * scale + tg_zero
+    record[m.offset : m.offset + m.code_bytes] = packed.contiguous().view(-1)
+    record[m.scale_offset : m.zero_offset] = scale.t().contiguous().view(-1).view(torch.uint8)  # [K/g, N]
+    record[m.zero_offset : m.end] = tg_zero.t().contiguous().view(-1).view(torch.uint8)
+
+
+class Int4Matmuls:
+    """CPU int4 experts computed straight from `tinygemm`-packed records (no dequantised weights).
+
+    `forward(record, x, act_fn)` = down(act(gate(x)) * up(x)) for x [n, H]; activations go through the
+    kernel in bfloat16 (its fast path), results come back in x's dtype.
+    """
+
+    def __init__(self, layout: ExpertLayout) -> None:
+        if layout.packing != "tinygemm":
+            raise ValueError("Int4Matmuls needs a tinygemm-packed layout")
+        self.layout = layout
+
+    def _mm(self, record: torch.Tensor, m: MatrixLayout, x: torch.Tensor) -> torch.Tensor:
+        n_rows, k = m.shape
+        g = self.layout.group_size
+        codes = record[m.offset : m.offset + m.code_bytes].view(n_rows, k // 2)
+        scale = record[m.scale_offset : m.zero_offset].view(torch.float32).view(k // g, n_rows)
+        zero = record[m.zero_offset : m.end].view(torch.float32).view(k // g, n_rows)
+        scales_and_zeros = torch.stack([scale, zero], dim=-1).to(torch.bfloat16)  # [K/g, N, 2], tiny
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, codes, g, scales_and_zeros)
+
+    def forward(self, record: torch.Tensor, x: torch.Tensor, act_fn) -> torch.Tensor:
+        gate, up, down = self.layout.matrices
+        xb = x.to(torch.bfloat16)
+        h = act_fn(self._mm(record, gate, xb).float()) * self._mm(record, up, xb).float()
+        return self._mm(record, down, h.to(torch.bfloat16)).to(x.dtype)
 
 
 def raw_views(record: torch.Tensor, layout: ExpertLayout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,6 +240,8 @@ class Dequantizer:
     """
 
     def __init__(self, layout: ExpertLayout, device: torch.device | str = "cpu") -> None:
+        if layout.packing != "hqq":
+            raise ValueError("Dequantizer reads hqq-packed records; tinygemm ones go through Int4Matmuls")
         self.layout = layout
         h, i = layout.hidden_size, layout.intermediate_size
         self.gate_up = torch.empty(2 * i, h, dtype=layout.dtype, device=device)

@@ -112,6 +112,13 @@ def storage_precisions(policy: PolicyConfig) -> list[str]:
     return list(dict.fromkeys(wanted))
 
 
+def packing_for(spec: ModelSpec, precision: str, device: torch.device) -> str:
+    """int4 on a CPU device is stored in the CPU int4 kernel's layout (when both matrix widths are whole
+    groups, as the kernel needs); everything else in HQQ's."""
+    whole = spec.hidden_size % 64 == 0 and spec.expert_intermediate_size % 64 == 0
+    return "tinygemm" if precision == "int4" and device.type == "cpu" and whole else "hqq"
+
+
 def expert_source(blocks: list[tuple[int, nn.Module]], layouts: dict[str, ExpertLayout], *,
                   optimize: bool) -> Callable[[int, int, str], torch.Tensor]:
     """(layer, expert, precision) -> packed record, from the model's fused expert weights."""
@@ -125,7 +132,7 @@ def expert_source(blocks: list[tuple[int, nn.Module]], layouts: dict[str, Expert
 def weights_fingerprint(spec: ModelSpec, blocks: list[tuple[int, nn.Module]], precisions: list[str],
                         optimize: bool) -> str:
     """Identifies the experts' weights (first and last expert of each layer, exactly) and the store options."""
-    h = hashlib.sha256(json.dumps([spec.name, spec.num_moe_layers, spec.num_experts, spec.hidden_size,
+    h = hashlib.sha256(json.dumps([torch.__version__, spec.name, spec.num_moe_layers, spec.num_experts, spec.hidden_size,
                                    spec.expert_intermediate_size, spec.dtype, precisions, optimize]).encode())
     for _, block in blocks:
         for e in (0, spec.num_experts - 1):
@@ -141,7 +148,7 @@ def build_store(spec: ModelSpec, blocks: list[tuple[int, nn.Module]], precisions
 
     A disk store whose header fingerprint matches the weights and options is reused, not rewritten.
     """
-    layouts = {p: expert_layout(spec, p) for p in precisions}
+    layouts = {p: expert_layout(spec, p, packing_for(spec, p, device)) for p in precisions}
     source = expert_source(blocks, layouts, optimize=optimize)
     if kind == "ram":
         return RamStore(layouts, spec.num_moe_layers, spec.num_experts, source,
@@ -150,7 +157,7 @@ def build_store(spec: ModelSpec, blocks: list[tuple[int, nn.Module]], precisions
         raise UserError(f"unknown store {kind!r}; choose disk or ram")
     if store_path is None:
         raise UserError("a disk store needs a file path")
-    fingerprint = weights_fingerprint(spec, blocks, precisions, optimize)
+    fingerprint = weights_fingerprint(spec, blocks, [f"{p}:{lay.packing}" for p, lay in layouts.items()], optimize)
     reuse = False
     if store_path.exists():
         try:

@@ -1,4 +1,8 @@
-"""Tiny seeded MoE models (random weights, float32) and prompts for the realrun tests."""
+"""Tiny seeded MoE models (random weights, float32) and prompts for the realrun tests.
+
+The Qwen model's expert widths are whole int4 groups (64), so its int4 experts take the CPU int4 kernel
+path; the DeepSeek models' (32) take the HQQ dequantisation path.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ def _init(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 def tiny_qwen() -> torch.nn.Module:
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-    cfg = Qwen2MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+    cfg = Qwen2MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
                          shared_expert_intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                          num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, max_position_embeddings=128,
                          experts_implementation="eager")

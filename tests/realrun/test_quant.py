@@ -84,3 +84,27 @@ def test_unpackable_shape_is_a_user_error() -> None:
     spec = dataclasses.replace(_small_spec(), hidden_size=100, expert_intermediate_size=20)
     with pytest.raises(UserError, match="cannot pack"):
         expert_layout(spec, "int2")
+
+
+def test_tinygemm_int4_matches_hqq_dequantised_weights() -> None:
+    """The CPU int4 kernel path computes the expert the HQQ codes describe (bf16 activations: close)."""
+    from realrun.quant import Int4Matmuls
+
+    spec = _small_spec()
+    weights = _weights(spec, seed=4)
+    tiny = expert_layout(spec, "int4", "tinygemm")
+    assert tiny.nbytes == spec.expert_bytes("int4")
+    record = pack_expert(weights, tiny)
+    gate_up, down = Dequantizer(expert_layout(spec, "int4")).unpack_into(pack_expert(weights, expert_layout(spec, "int4")))
+    x = torch.randn(3, spec.hidden_size, generator=torch.Generator().manual_seed(5))
+    act = torch.nn.functional.silu
+    g, u = torch.nn.functional.linear(x, gate_up).chunk(2, dim=-1)
+    expected = torch.nn.functional.linear(act(g) * u, down)
+    got = Int4Matmuls(tiny).forward(record, x, act)
+    assert torch.allclose(got, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
+
+
+def test_tinygemm_packing_is_int4_only() -> None:
+    """Only int4 has a CPU kernel layout."""
+    with pytest.raises(ValueError):
+        expert_layout(_small_spec(), "int2", "tinygemm")
