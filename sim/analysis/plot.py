@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,11 @@ def _pyplot():
     return plt
 
 
+def _file_part(text: str) -> str:
+    """`text` made safe inside a file name (a profile such as 'h100@25GB/s' has a slash)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
 def _save(fig, path: Path) -> Path:
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
@@ -57,6 +63,24 @@ def _label(row: dict, extra: Sequence[str]) -> str:
         else:
             parts.append(f"{key.removeprefix('set.')}={value}")
     return ", ".join(parts)
+
+
+_LINESTYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def _style(row: dict, extra: Sequence[str], policies: list[str], variants: list[tuple]) -> dict[str, Any]:
+    """Colour by policy, line style and marker by the value of the other swept keys (stable across panels)."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab10"]
+    variant = variants.index(tuple(str(row.get(k)) for k in extra))
+    return {"color": colours(policies.index(str(row["policy"])) % 10),
+            "linestyle": _LINESTYLES[variant % len(_LINESTYLES)], "marker": _MARKERS[variant % len(_MARKERS)]}
+
+
+def _style_keys(rows: list[dict], extra: Sequence[str]) -> tuple[list[str], list[tuple]]:
+    return (sorted({str(r["policy"]) for r in rows}), sorted({tuple(str(r.get(k)) for k in extra) for r in rows}))
 
 
 def _budget_gib(row: dict) -> float:
@@ -98,11 +122,13 @@ def plot_throughput(rows: list[dict], out_dir: Path) -> list[Path]:
             continue
         fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics) + 0.5, 4.2), squeeze=False)
         axes = axes[0]
+        policies, variants = _style_keys(prow, extra)
         for ax, (metric, title) in zip(axes, metrics, strict=True):
             for label, lrows in sorted(lines.items()):
                 pts = sorted((_budget_gib(r), float(r[metric])) for r in lrows if r.get(metric) not in (None, ""))
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label,
+                            **_style(lrows[0], extra, policies, variants))
             ax.set_xlabel("fast-memory budget (GiB)")
             ax.set_ylabel("tokens / s")
             ax.set_title(f"{title} throughput")
@@ -111,7 +137,7 @@ def plot_throughput(rows: list[dict], out_dir: Path) -> list[Path]:
         axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
         model = prow[0].get("model", "")
         fig.suptitle(f"{model} on {profile}".strip(), y=1.02)
-        name = "throughput_vs_budget" + (f"-{profile}" if len(groups) > 1 else "") + ".png"
+        name = "throughput_vs_budget" + (f"-{_file_part(profile)}" if len(groups) > 1 else "") + ".png"
         paths.append(_save(fig, out_dir / name))
     return paths
 
@@ -137,11 +163,13 @@ def plot_hit_rate_per_layer(rows: list[dict], out_dir: Path) -> list[Path]:
             budgets = [budgets[round(i * (len(budgets) - 1) / 3)] for i in range(4)]
         extra = _varying(prow, [k for k in _CONFIG_KEYS if k != "profile"] +
                          sorted({k for r in prow for k in r if k.startswith("set.")}))
+        policies, variants = _style_keys(prow, extra)
         fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.8), squeeze=False, sharey=True)
         for ax, budget in zip(axes[0], budgets, strict=True):
             for r in sorted((r for r in prow if _budget_gib(r) == budget), key=lambda r: _label(r, extra)):
                 per_layer = _per_layer(r)
-                ax.plot(range(len(per_layer)), [100 * v for v in per_layer], marker=".", label=_label(r, extra))
+                style = _style(r, extra, policies, variants) | {"marker": "."}
+                ax.plot(range(len(per_layer)), [100 * v for v in per_layer], label=_label(r, extra), **style)
             ax.set_title(f"budget {budget:.2f} GiB")
             ax.set_xlabel("MoE layer")
             ax.grid(True, alpha=0.3)
@@ -149,7 +177,7 @@ def plot_hit_rate_per_layer(rows: list[dict], out_dir: Path) -> list[Path]:
         axes[0][0].set_ylabel("expert hit rate (%)")
         axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
         fig.suptitle(f"{prow[0].get('model', '')} on {profile}: hit rate per layer".strip(), y=1.03)
-        name = "hit_rate_per_layer" + (f"-{profile}" if len(groups) > 1 else "") + ".png"
+        name = "hit_rate_per_layer" + (f"-{_file_part(profile)}" if len(groups) > 1 else "") + ".png"
         paths.append(_save(fig, out_dir / name))
     return paths
 

@@ -399,7 +399,8 @@ def run_sweep(trace_path: str | os.PathLike[str], configs: list[SweepConfig], ca
         row["error"] = result.get("error", "")
         row["elapsed_s"] = result.get("elapsed_s")
         if result["status"] == "ok":
-            row.update(flatten_metrics(result["metrics"]))
+            for key, value in flatten_metrics(result["metrics"]).items():
+                row.setdefault(key, value)  # the configuration's own columns (policy, profile, ...) win
         else:
             failed.append((config, result["error"]))
         rows.append(row)
