@@ -123,3 +123,11 @@ def test_ray_local_cluster(trace_file, tmp_path) -> None:
         ray.shutdown()
     local = run_sweep(trace_file, parse_grid(GRID), tmp_path / "local", runner=toy_runner, progress=False)
     assert [r["decode_tokens_per_s"] for r in remote.rows] == [r["decode_tokens_per_s"] for r in local.rows]
+
+
+def test_config_columns_win_over_metric_keys(trace_file, tmp_path) -> None:
+    """The runner reports the profile as 'rtx3090-pcie3@25GB/s'; the row keeps the grid's profile name and
+    the bandwidth in its own column (plots group by them)."""
+    configs = parse_grid('policy = ["lod"]\nlink_bandwidth = ["25GB"]\n')
+    row = run_sweep(trace_file, configs, tmp_path / "c", runner=toy_runner, progress=False).rows[0]
+    assert row["profile"] == "rtx3090-pcie3" and row["link_bandwidth_bytes_per_s"] == 25e9
