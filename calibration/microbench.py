@@ -28,6 +28,7 @@ each clock read (an honest wall time, as gpt-fast's `device_sync`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import mmap
 import os
@@ -86,6 +87,9 @@ class BenchPlan:
     """Keep repeating (beyond `repeats`) until this much time was spent on a point, in seconds."""
     compute_dtype: torch.dtype
     scratch_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
+    cold_set_bytes: int = 256 << 20
+    """Compute benchmarks rotate over copies of their weights totalling at least this many bytes (8x a
+    32 MiB L3): realrun computes each expert from a slot its bytes just landed in, never from a warm cache."""
 
 
 def default_plan(device: str, store: str, *, quick: bool, compute_dtype: torch.dtype,
@@ -102,12 +106,13 @@ def default_plan(device: str, store: str, *, quick: bool, compute_dtype: torch.d
     if quick:
         sizes = tuple(1 << p for p in (16, 20, 22, 24))
         plan = dict(expert_tokens=(1, 8, 64), mlp_tokens=(1, 64), attention_points=((1, 128), (64, 64)),
-                    repeats=2, min_seconds=0.0, dequant_precisions=("int8", "int4", "int2"))
+                    repeats=2, min_seconds=0.0, dequant_precisions=("int8", "int4", "int2"),
+                    cold_set_bytes=64 << 20)
     else:
         # 64 KiB .. 64 MiB, three points per octave so the fit sees the latency knee.
         sizes = geometric_sizes(64 << 10, 64 << 20, 3)
         plan = dict(
-            expert_tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            expert_tokens=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128, 256, 512),
             mlp_tokens=(1, 4, 16, 64, 256),
             attention_points=((1, 64), (1, 256), (1, 1024), (1, 4096), (16, 16), (64, 64), (256, 256), (512, 512)),
             repeats=7, min_seconds=0.15, dequant_precisions=("int8", "int4", "int2"),
@@ -245,19 +250,26 @@ def _byte_scale(plan: BenchPlan, spec: ModelSpec) -> float:
     return plan.compute_dtype.itemsize / spec.weight_bytes
 
 
+def _copies(plan: BenchPlan, nbytes_each: int) -> int:
+    """How many copies of an `nbytes_each` weight set make the rotation cache-cold."""
+    return max(2, -(-plan.cold_set_bytes // max(1, nbytes_each)))
+
+
 def _weights(rows: int, cols: int, dtype: torch.dtype, device: str, gen: torch.Generator) -> torch.Tensor:
-    return (torch.randn(rows, cols, generator=gen) * 0.02).to(dtype=dtype, device=device)
+    """Random weights (uniform: several times cheaper to draw than normal; timing does not care)."""
+    return torch.empty(rows, cols).uniform_(-0.03, 0.03, generator=gen).to(dtype=dtype, device=device)
 
 
 def bench_experts(plan: BenchPlan, spec: ModelSpec, device: str, kind: str) -> Iterator[Point]:
     """Routed-expert SwiGLU against tokens per expert, with the spec's hidden and intermediate sizes."""
     gen = torch.Generator().manual_seed(2)
     h, i = spec.hidden_size, spec.expert_intermediate_size
-    gate_up = _weights(2 * i, h, plan.compute_dtype, device, gen)
-    down = _weights(h, i, plan.compute_dtype, device, gen)
+    sets = [(_weights(2 * i, h, plan.compute_dtype, device, gen), _weights(h, i, plan.compute_dtype, device, gen))
+            for _ in range(_copies(plan, 3 * h * i * plan.compute_dtype.itemsize))]
+    turn = itertools.count()
     for tokens in plan.expert_tokens:
         x = torch.randn(tokens, h, generator=gen).to(plan.compute_dtype).to(device)
-        median, samples = time_op(lambda x=x: _swiglu(x, gate_up, down), repeats=plan.repeats,
+        median, samples = time_op(lambda x=x: _swiglu(x, *sets[next(turn) % len(sets)]), repeats=plan.repeats,
                                   min_seconds=plan.min_seconds, device=device)
         yield Point(kind, tokens, spec.expert_flops(tokens), spec.expert_bytes("bf16") * _byte_scale(plan, spec),
                     median, samples)
@@ -268,11 +280,13 @@ def bench_shared_mlp(plan: BenchPlan, spec: ModelSpec) -> Iterator[Point]:
     gen = torch.Generator().manual_seed(3)
     h = spec.hidden_size
     inter = spec.shared_expert_intermediate_size or spec.dense_intermediate_size
-    gate_up = _weights(2 * inter, h, plan.compute_dtype, plan.device, gen)
-    down = _weights(h, inter, plan.compute_dtype, plan.device, gen)
+    sets = [(_weights(2 * inter, h, plan.compute_dtype, plan.device, gen),
+             _weights(h, inter, plan.compute_dtype, plan.device, gen))
+            for _ in range(_copies(plan, 3 * h * inter * plan.compute_dtype.itemsize))]
+    turn = itertools.count()
     for tokens in plan.mlp_tokens:
         x = torch.randn(tokens, h, generator=gen).to(plan.compute_dtype).to(plan.device)
-        median, samples = time_op(lambda x=x: _swiglu(x, gate_up, down), repeats=plan.repeats,
+        median, samples = time_op(lambda x=x: _swiglu(x, *sets[next(turn) % len(sets)]), repeats=plan.repeats,
                                   min_seconds=plan.min_seconds, device=plan.device)
         if spec.shared_expert_intermediate_size:  # exactly what sim.costs.CostModel.shared_s charges
             flops, nbytes = spec.shared_expert_flops(tokens), spec.shared_expert_params * spec.weight_bytes
@@ -287,9 +301,11 @@ def bench_attention(plan: BenchPlan, spec: ModelSpec) -> Iterator[Point]:
     gen = torch.Generator().manual_seed(4)
     dt, dev = plan.compute_dtype, plan.device
     h, heads, kv_heads, hd = spec.hidden_size, spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
-    wq, wk, wv = (_weights(n * hd, h, dt, dev, gen) for n in (heads, kv_heads, kv_heads))
     bq, bk, bv = (torch.zeros(n * hd, dtype=dt, device=dev) for n in (heads, kv_heads, kv_heads))
-    wo = _weights(h, heads * hd, dt, dev, gen)
+    per_set = (2 * heads + 2 * kv_heads) * hd * h * dt.itemsize
+    sets = [tuple(_weights(n * hd, h, dt, dev, gen) for n in (heads, kv_heads, kv_heads))
+            + (_weights(h, heads * hd, dt, dev, gen),) for _ in range(_copies(plan, per_set))]
+    turn = itertools.count()
     for tokens, context in plan.attention_points:
         past = max(0, context - tokens)
         k_cache = torch.randn(1, kv_heads, past, hd, generator=gen).to(dt).to(dev)
@@ -298,6 +314,7 @@ def bench_attention(plan: BenchPlan, spec: ModelSpec) -> Iterator[Point]:
 
         def attend(x: torch.Tensor = x, k_cache: torch.Tensor = k_cache, v_cache: torch.Tensor = v_cache,
                    tokens: int = tokens) -> torch.Tensor:
+            wq, wk, wv, wo = sets[next(turn) % len(sets)]
             q = F.linear(x, wq, bq).view(1, tokens, heads, hd).transpose(1, 2)      # [1, heads, n, hd]
             k = F.linear(x, wk, bk).view(1, tokens, kv_heads, hd).transpose(1, 2)
             v = F.linear(x, wv, bv).view(1, tokens, kv_heads, hd).transpose(1, 2)
