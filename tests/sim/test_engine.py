@@ -160,3 +160,13 @@ def test_presorted_lookahead_rankings_match_sorting_each_time(small_synthetic, p
         out = Engine(workload, ctl, CostModel(spec, hw), presorted=presorted).run()
         results.append((out.step_end_at, out.gpu_stall_s, ctl.stats))
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("budget", ["7%", "15%", "60%"])
+def test_lod_closed_form_matches_the_engine(small_synthetic, budget: str) -> None:
+    """sim/fastpath.py replays load-on-demand with the engine's arithmetic: identical metrics, including
+    prefill steps that route more experts than a layer has slots (7%: 4 slots) and quantised transfers."""
+    for overrides in ({}, {"precision": "int4"}):
+        fast = replay(small_synthetic, policy="lod", memory_budget=budget, overrides=overrides)
+        engine = replay(small_synthetic, policy="lod", memory_budget=budget, overrides=overrides, mode="engine")
+        assert fast == engine
