@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -55,9 +56,8 @@ class Signals:
     m <= E. An engine that ranks a whole trace at once passes this to save a sort per layer."""
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """Experts predicted for one layer ahead, most likely first."""
+class Prediction(NamedTuple):
+    """Experts predicted for one layer ahead, most likely first (a tuple: cheap to make per layer)."""
 
     layer: int
     experts: tuple[int, ...]

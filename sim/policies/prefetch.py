@@ -43,13 +43,18 @@ class PrefetchPolicy:
         if self.name == "none":
             return []
         out: list[tuple[int, int, float]] = []
-        for pred in predictions:
-            pairs = list(zip(pred.experts, pred.scores, strict=True))
+        for layer, experts, scores in predictions:
             if self.name == "topk":
-                pairs = pairs[: self.prefetch_count]
+                count = self.prefetch_count
             elif self.name == "fate" and phase == "decode":
-                pairs = [(e, s) for e, s in pairs if s >= self.confidence][: self.fate_decode_count]
-            out.extend((pred.layer, e, s) for e, s in pairs)
+                count = self.fate_decode_count
+                if self.confidence > 0.0:
+                    keep = [i for i, s in enumerate(scores) if s >= self.confidence][:count]
+                    out.extend((layer, experts[i], scores[i]) for i in keep)
+                    continue
+            else:
+                count = len(experts)
+            out.extend(zip([layer] * min(count, len(experts)), experts[:count], scores[:count], strict=True))
         return out
 
 
