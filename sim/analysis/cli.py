@@ -7,6 +7,7 @@ which the CLI root turns into one line and exit code 2.
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
@@ -145,7 +146,9 @@ def train_estimator(trace_path: str, out: str, depth: int, steps: int, eval_trac
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def sweep(trace_path: str, grid: str, out: str, workers: int, ray_address: str | None, cache_dir: str | None,
           no_progress: bool) -> None:
-    """Replay the cartesian product of a grid; only configurations not in the cache are computed."""
+    """Replay the cartesian product of a grid; only configurations not in the cache are computed.
+
+    Exit status 1 when some configuration failed (each is reported; the others' results are written)."""
     from sim.analysis.sweep import sweep as run
 
     outcome = run(trace_path, grid, out, workers=workers, ray_address=ray_address, cache_dir=cache_dir,
@@ -156,6 +159,8 @@ def sweep(trace_path: str, grid: str, out: str, workers: int, ray_address: str |
         extra = ", ".join(f"{k}={v}" for k, v in config.overrides)
         click.echo(f"failed: policy={config.policy} budget={config.budget} profile={config.profile}"
                    f"{' ' + extra if extra else ''}: {error}", err=True)
+    if outcome.failed:
+        sys.exit(1)
 
 
 @click.command("plot")
