@@ -3,7 +3,7 @@
 A layer-step is one MoE layer of one forward step (a prefill chunk or a decode token). We replay a
 synthetic Qwen1.5-MoE-shaped trace (24 MoE layers, 60 experts, top-4, look-ahead logits, 1 sequence of 32
 prompt and N decode tokens) under `lod` and `fate` on the RTX 3090 profile at a 25% budget, best of
-`--repeat` runs, and time a 100-configuration sweep (5 presets x 5 budgets x 4 profiles) on a shorter trace
+`--repeat` runs (`lod` also through the general engine loop, without its closed form), and time a 100-configuration sweep (5 presets x 5 budgets x 4 profiles) on a shorter trace
 with `replay_many`. Wall time and this process's CPU time are both reported: on a shared machine the CPU
 figure is what one core delivers.
 """
@@ -46,13 +46,15 @@ def main(decode_tokens: int, sweep_decode_tokens: int, repeat: int) -> None:
                                                               decode_tokens=decode_tokens, seed=0)))
     click.echo(f"trace: 24 layers, 60 experts, top-4, 32 prompt + {decode_tokens} decode tokens "
                f"(prepared in {build_s:.2f} s CPU)")
-    for policy in ("lod", "fate"):
+    for policy, mode, label in (("lod", "fast", "lod (closed form, sim/fastpath.py)"),
+                                ("lod", "engine", "lod (engine loop)"), ("fate", "fast", "fate (engine loop)")):
         best_wall = best_cpu = float("inf")
         steps = 0
         for _ in range(repeat):
-            wall, cpu, m = _timed(lambda p=policy: replay(loaded, policy=p, hw="rtx3090-pcie3", memory_budget="25%"))
+            wall, cpu, m = _timed(lambda p=policy, md=mode: replay(loaded, policy=p, hw="rtx3090-pcie3",
+                                                                   memory_budget="25%", mode=md))
             best_wall, best_cpu, steps = min(best_wall, wall), min(best_cpu, cpu), m["layer_steps"]
-        click.echo(f"{policy:>5}: {steps} layer-steps, {steps / best_wall:,.0f} layer-steps/s wall, "
+        click.echo(f"{label:>34}: {steps} layer-steps, {steps / best_wall:,.0f} layer-steps/s wall, "
                    f"{steps / best_cpu:,.0f} layer-steps/s CPU (best of {repeat})")
     sweep_trace = load(synthetic_trace(sequences=1, prompt_tokens=32, decode_tokens=sweep_decode_tokens, seed=1))
     configs = [dict(policy=p, memory_budget=b, hw=h) for p in SWEEP_POLICIES for b in SWEEP_BUDGETS
