@@ -38,7 +38,7 @@ from torch.nn import functional as F
 from realrun.experts import OffloadedExperts, expert_forward
 from realrun.loader import Copy, Loader
 from realrun.quant import Dequantizer, ExpertLayout, Int4Matmuls, raw_views
-from realrun.store import DiskStore, SlowStore, aligned_buffer
+from realrun.store import DiskStore, SlowStore, aligned_buffer, round_up
 from sim.modelspec import ModelSpec
 from sim.policies.controller import LayerPlan, OffloadController, Transfer
 from sim.policies.prediction import Signals
@@ -115,8 +115,9 @@ class OffloadEngine:
             raise UserError(f"model has {len(self.blocks)} MoE layers, its config says {spec.num_moe_layers}")
         # The routers' weights in float32, [E, H] each: the live cross-layer gate multiplies by them.
         self.router_weights = [b.gate.weight.detach().float() for _, b in self.blocks]
-        self.slot_stride = max(store.padded_bytes(p) for p in layouts)
-        """Bytes between slots: the largest record, rounded up for O_DIRECT on a disk store."""
+        # 512-byte multiples keep every slot aligned for dtype views and DMA (4 KiB on a disk store)
+        self.slot_stride = round_up(max(store.padded_bytes(p) for p in layouts), 512)
+        """Bytes between slots: the largest record, rounded up (O_DIRECT needs 4 KiB on a disk store)."""
         if controller.slot_bytes < max(lay.nbytes for lay in layouts.values()):
             raise ValueError("controller slots are smaller than the records the store holds")
         self.arenas: list[torch.Tensor] = []

@@ -69,7 +69,9 @@ class Loader:
         # CUDA + disk: O_DIRECT reads land in one pinned, page-aligned staging buffer, then go up.
         self._staging = None
         if self.copy_stream is not None and staging_bytes:
-            self._staging = torch.empty(staging_bytes, dtype=torch.uint8, pin_memory=True)
+            raw = torch.empty(staging_bytes + 4096, dtype=torch.uint8, pin_memory=True)
+            skip = -raw.data_ptr() % 4096  # O_DIRECT wants a 4 KiB-aligned address
+            self._staging = raw[skip : skip + staging_bytes]
         self._demand: collections.deque[Copy] = collections.deque()
         self._prefetch: collections.deque[Copy] = collections.deque()
         self._cv = threading.Condition()
