@@ -20,12 +20,12 @@ LOSSLESS_GPU = [name for name in PRESETS if build_policy(name).miss in ("wait", 
 def esft(realtraces):
     from traces.importers.esft import import_esft
 
-    return load(head(import_esft([realtraces / ESFT], prompt_tokens=16), 200))
+    return load(head(import_esft([realtraces / ESFT], prompt_tokens=16), 150))
 
 
 @pytest.fixture(scope="module")
 def synthetic():
-    return load(synthetic_trace(sequences=2, prompt_tokens=24, decode_tokens=60, seed=11))
+    return load(synthetic_trace(sequences=2, prompt_tokens=16, decode_tokens=30, seed=11))
 
 
 def test_metrics_json_has_the_contract_keys(synthetic) -> None:
@@ -33,7 +33,7 @@ def test_metrics_json_has_the_contract_keys(synthetic) -> None:
     for key in METRIC_KEYS + ("policy", "policy_components", "memory_budget_bytes", "profile", "model", "trace_hash"):
         assert key in m, key
     assert set(m["bytes_transferred"]) == {"on_demand", "prefetch_used", "prefetch_wasted", "total"}
-    assert len(m["hit_rate_per_layer"]) == 24 and m["layer_steps"] == 24 * (2 + 2 * 60)
+    assert len(m["hit_rate_per_layer"]) == 24 and m["layer_steps"] == 24 * (2 + 2 * 30)
     assert m["policy"] == "fate" and m["policy_components"]["eviction"] == "arc"
 
 
