@@ -142,11 +142,14 @@ def weights_fingerprint(spec: ModelSpec, blocks: list[tuple[int, nn.Module]], pr
 
 
 def build_store(spec: ModelSpec, blocks: list[tuple[int, nn.Module]], precisions: list[str], kind: str,
-                device: torch.device, *, store_path: Path | None = None, optimize: bool = True,
+                device: torch.device, *, store_path: Path | None = None, store_dir: Path | None = None,
+                optimize: bool = True,
                 progress: Callable[[int], None] | None = None) -> tuple[SlowStore, dict[str, ExpertLayout]]:
-    """The slow tier holding every expert in `precisions`: "ram" (pinned for CUDA) or "disk" at `store_path`.
+    """The slow tier holding every expert in `precisions`: "ram" (pinned for CUDA) or "disk" at `store_path`
+    (or, without one, `store_dir`/<fingerprint>.bin).
 
-    A disk store whose header fingerprint matches the weights and options is reused, not rewritten.
+    A disk store whose header fingerprint matches the weights and options is reused, not rewritten: HQQ's
+    optimiser takes seconds per matrix on a CPU, so a model's quantised copies are made once.
     """
     layouts = {p: expert_layout(spec, p, packing_for(spec, p, device)) for p in precisions}
     source = expert_source(blocks, layouts, optimize=optimize)
@@ -155,9 +158,12 @@ def build_store(spec: ModelSpec, blocks: list[tuple[int, nn.Module]], precisions
                         pin_memory=device.type == "cuda"), layouts
     if kind != "disk":
         raise UserError(f"unknown store {kind!r}; choose disk or ram")
-    if store_path is None:
-        raise UserError("a disk store needs a file path")
     fingerprint = weights_fingerprint(spec, blocks, [f"{p}:{lay.packing}" for p, lay in layouts.items()], optimize)
+    if store_path is None:
+        if store_dir is None:
+            raise UserError("a disk store needs a file path or a folder")
+        store_dir.mkdir(parents=True, exist_ok=True)
+        store_path = store_dir / f"experts-{fingerprint}.bin"
     reuse = False
     if store_path.exists():
         try:

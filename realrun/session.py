@@ -46,6 +46,8 @@ from sim.units import parse_budget
 from traces.errors import UserError
 
 DEFAULT_MAX_NEW_TOKENS = 32
+STORE_DIR = Path(os.environ.get("FATESIM_CACHE", Path.home() / ".cache" / "fatesim")) / "stores"
+"""Where `fatesim realrun` keeps disk stores between runs ($FATESIM_CACHE/stores)."""
 
 
 @dataclass(frozen=True)
@@ -212,6 +214,7 @@ def build_trace(routes: list[list[RouteRecord]], gen: Generation, prompts: Promp
 def run_offloaded(model: nn.Module, prompts: Prompts, *, model_name: str, policy: PolicyConfig,
                   memory_budget: str | int, device: torch.device, store: str = "disk",
                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, store_path: Path | None = None,
+                  store_dir: Path | None = None,
                   profile: str | HardwareProfile | None = None, optimize_quant: bool = True,
                   timeline: Path | None = None, trace_out: Path | None = None, keep_logits: bool = False,
                   progress: Callable[[int], None] | None = None,
@@ -233,11 +236,11 @@ def run_offloaded(model: nn.Module, prompts: Prompts, *, model_name: str, policy
         model(input_ids=torch.tensor([prompts.token_ids[0][:8]], device=device))
     precisions = storage_precisions(policy)
     tmp = None
-    if store == "disk" and store_path is None:
-        tmp = tempfile.TemporaryDirectory(prefix="realrun-", dir=os.environ.get("FATESIM_STORE_DIR"))
+    if store == "disk" and store_path is None and store_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="realrun-")
         store_path = Path(tmp.name) / "experts.bin"
     try:
-        slow, layouts = build_store(spec, blocks, precisions, store, device, store_path=store_path,
+        slow, layouts = build_store(spec, blocks, precisions, store, device, store_path=store_path, store_dir=store_dir,
                                     optimize=optimize_quant)
         try:
             hw = (profile if isinstance(profile, HardwareProfile)
@@ -301,7 +304,8 @@ def run_realrun(model: str, prompts: str | os.PathLike[str] | None, policy: str,
 
     prompts: a prompt file, or None for `traces.promptset.DEFAULT_PROMPTS`; profile: a hardware profile for
     the controller (name or .toml), or None to measure this machine at start-up; store_path: where the disk
-    store lives (reused when its fingerprint matches), or None for a temporary file.
+    store lives, or None for `STORE_DIR`/experts-<fingerprint>.bin (reused while the weights and options
+    match: quantising a model with HQQ is done once).
     """
     if prompts is None:
         from traces.promptset import DEFAULT_PROMPTS
@@ -324,7 +328,8 @@ def run_realrun(model: str, prompts: str | os.PathLike[str] | None, policy: str,
     loaded, name = load_model(folder, dev), model
     result, _ = run_offloaded(
         loaded, prompt_set, model_name=name, policy=pol, memory_budget=budget_bytes, device=dev, store=store,
-        max_new_tokens=max_new_tokens, store_path=Path(store_path) if store_path else None, profile=profile,
+        max_new_tokens=max_new_tokens, store_path=Path(store_path) if store_path else None, store_dir=STORE_DIR,
+        profile=profile,
         timeline=Path(timeline) if timeline else None, trace_out=Path(trace_out) if trace_out else None,
         progress=progress)
     return result

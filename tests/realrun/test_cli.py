@@ -18,6 +18,14 @@ def model_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(autouse=True)
+def store_dir(tmp_path: Path, monkeypatch) -> Path:
+    """Disk stores go to a temporary folder, not the user's cache."""
+    folder = tmp_path / "stores"
+    monkeypatch.setattr("realrun.session.STORE_DIR", folder)
+    return folder
+
+
 @pytest.fixture
 def prompts_file(tmp_path: Path) -> Path:
     path = tmp_path / "prompts.jsonl"
@@ -58,3 +66,18 @@ def test_cli_user_errors_are_one_line(model_dir: Path, prompts_file: Path, capsy
     assert done.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fatesim: error:") and message in err and "\n" not in err
+
+
+def test_disk_store_is_built_once_and_reused(model_dir: Path, prompts_file: Path, store_dir: Path, capsys) -> None:
+    """A second run on the same weights and precisions reads the existing store instead of rewriting it."""
+    args = ["realrun", "--model", str(model_dir), "--prompts", str(prompts_file), "--policy", "lru",
+            "--memory-budget", "50%", "--max-new-tokens", "2", "--json"]
+    main(args)
+    (store,) = store_dir.glob("experts-*.bin")
+    written = store.stat().st_mtime_ns
+    main(args)
+    assert list(store_dir.glob("experts-*.bin")) == [store] and store.stat().st_mtime_ns == written
+    out, decoder = capsys.readouterr().out, json.JSONDecoder()
+    first, end = decoder.raw_decode(out)
+    second, _ = decoder.raw_decode(out[end:].lstrip())
+    assert first["generated"] == second["generated"]
