@@ -77,3 +77,25 @@ def test_policies_and_profiles_list_everything(capsys) -> None:
     profiles = json.loads(out)
     assert "rtx3090-pcie3" in profiles and "gtx1080ti-pcie3" in profiles
     assert all(p["provenance"] for p in profiles.values())
+
+
+def test_compare_prints_one_table_with_speedups(trace_file, capsys) -> None:
+    """`python -m sim.compare` (what `make demo` runs): a row per policy, speedups over the first."""
+    from sim.compare import compare, format_comparison
+
+    results = compare(str(trace_file), ["lod", "lru", "fate"], memory_budget="25%")
+    table = format_comparison(results).splitlines()
+    assert table[0].split()[:3] == ["policy", "prefill", "tok/s"]
+    assert [line.split()[0] for line in table[1:4]] == ["lod", "lru", "fate"]
+    assert table[1].split()[-2:] == ["1.00", "1.00"]
+    fate_decode = float(table[3].split()[-1])
+    assert fate_decode == pytest.approx(results[2]["decode_tokens_per_s"] / results[0]["decode_tokens_per_s"], abs=0.01)
+
+
+def test_compare_refuses_unknown_policy_with_exit_2(trace_file, capsys) -> None:
+    from sim.compare import main as compare_main
+
+    with pytest.raises(SystemExit) as exit_:
+        compare_main(["--trace", str(trace_file), "--policies", "lod,nope"], standalone_mode=False)
+    assert exit_.value.code == 2
+    assert "unknown policy 'nope'" in capsys.readouterr().err
