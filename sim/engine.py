@@ -17,7 +17,7 @@ parallel with the GPU; the GPU waits for their results before the shared experts
 Speed: no SimPy process per expert or transfer. The link is a closed-form busy-until timeline
 (sim/link.py), durations are memoised (sim/costs.py), and the GPU stream is one generator that yields the
 instants it must wait until. `run(..., mode="simpy")` drives it with a SimPy GPU process and a SimPy CPU
-predictor process; `mode="fast"` drives the same generator with a plain loop and the CPU thread in closed
+predictor process; `mode="loop"` drives the same generator with a plain loop and the CPU thread in closed
 form. Tests check that both give identical results.
 """
 
@@ -182,15 +182,15 @@ class Engine:
             self.step_end_at.append(now)
 
     # --- drivers -------------------------------------------------------------------------------------
-    def run(self, mode: str = "fast") -> EngineResult:
-        """Replay the whole workload; `mode` "fast" (plain loop) or "simpy" (SimPy processes)."""
-        if mode == "fast":
+    def run(self, mode: str = "loop") -> EngineResult:
+        """Replay the whole workload; `mode` "loop" (plain loop) or "simpy" (SimPy processes)."""
+        if mode == "loop":
             for _ in self.gpu_stream():
                 pass
         elif mode == "simpy":
             self._run_simpy()
         else:
-            raise ValueError(f"mode must be 'fast' or 'simpy', not {mode!r}")
+            raise ValueError(f"mode must be 'loop' or 'simpy', not {mode!r}")
         makespan = self.step_end_at[-1] if self.step_end_at else 0.0
         self.link.drain()
         busy = sum(min(t.end_at, makespan) - t.start_at for t in self.link.started if t.start_at < makespan)

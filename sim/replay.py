@@ -73,6 +73,8 @@ def replay(trace: Trace | str | os.PathLike[str] | LoadedTrace, policy: str | Po
     the plain loop) or "simpy" (the SimPy processes) -- all give identical results; score_fn: the learned
     predictor's scores.
     """
+    if mode not in ("fast", "engine", "simpy"):
+        raise ValueError(f"mode must be 'fast', 'engine' or 'simpy', not {mode!r}")
     loaded = load(trace)
     trace_obj, workload = loaded.trace, loaded.workload
     spec = resolve_spec(trace_obj, as_model)
@@ -105,7 +107,7 @@ def replay(trace: Trace | str | os.PathLike[str] | LoadedTrace, policy: str | Po
         result = fastpath.replay_lod(workload, ctl, costs)
     else:
         engine = Engine(workload, ctl, costs, record=timeline is not None)
-        result = engine.run("simpy" if mode == "simpy" else "fast")
+        result = engine.run("simpy" if mode == "simpy" else "loop")
     metrics = compute_metrics(
         phases=[s.phase for s in workload.steps], num_tokens=[s.num_tokens for s in workload.steps],
         step_start_at=result.step_start_at, step_end_at=result.step_end_at, stats=ctl.stats,
