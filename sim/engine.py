@@ -110,6 +110,11 @@ class Engine:
             ctl.start_forward(step.index, step.phase, n)
             signals.step, signals.phase, signals.num_tokens = step.index, step.phase, n
             signals.lookahead_rank = None
+            ranked = rank is not None and n == 1 and self.predicts
+            if ranked:  # one conversion per step: [L][D][m] lists of experts and probabilities
+                signals.lookahead_probs = None
+                step_ids = rank[0][:, step.token_start].transpose(1, 0, 2).tolist()
+                step_probs = rank[1][:, step.token_start].transpose(1, 0, 2).tolist()
             self.step_start_at.append(now)
             t0 = step.token_start
             for layer, (ids, counts) in enumerate(step.routes):
@@ -121,10 +126,10 @@ class Engine:
                 if link.queue or link.in_flight:
                     link.advance(now)
                 if self.predicts:
-                    if probs is not None:
+                    if ranked:
+                        signals.lookahead_rank = (step_ids[layer], step_probs[layer])
+                    elif probs is not None:
                         signals.lookahead_probs = probs[:, t0:t0 + n, layer, :]
-                        if rank is not None and n == 1:
-                            signals.lookahead_rank = (rank[0][:, t0, layer], rank[1][:, t0, layer])
                     self._post_prefetches(now, ctl.on_gate_input(layer, signals))
                 now += router_s
                 yield now

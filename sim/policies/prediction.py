@@ -51,9 +51,10 @@ class Signals:
     """Tokens in this step (1 in decode)."""
     lookahead_probs: np.ndarray | None = None
     """[D, n, E] softmax over E of the gates of layers l+1..l+D applied to layer l's gate input; n = tokens."""
-    lookahead_rank: tuple[np.ndarray, np.ndarray] | None = None
-    """Optional, decode only: the same probabilities pre-sorted, (experts [D, m], probs [D, m]) best first,
-    m <= E. An engine that ranks a whole trace at once passes this to save a sort per layer."""
+    lookahead_rank: tuple[list[list[int]], list[list[float]]] | None = None
+    """Optional, decode only, instead of lookahead_probs: the same probabilities pre-sorted, (experts [D][m],
+    probs [D][m]) as lists, best first (ties: lower id), m <= E. An engine that ranks a whole trace at once
+    passes this to save a sort per layer."""
 
 
 class Prediction(NamedTuple):
@@ -107,14 +108,14 @@ class LookaheadPredictor:
     def predict(self, layer: int, signals: Signals) -> list[Prediction]:
         rank = signals.lookahead_rank
         if rank is not None and signals.num_tokens == 1:
-            ids, values = rank  # [D, m], [D, m]
+            ids, values = rank  # [D][m], [D][m]
             limit = self.limit if self.name == "crosslayer" else self.top_k
             out = []
-            for d in range(min(self.depth, ids.shape[0])):
+            for d in range(min(self.depth, len(ids))):
                 target = layer + d + 1
                 if target >= self.num_layers:
                     break
-                out.append(Prediction(target, tuple(ids[d, :limit].tolist()), tuple(values[d, :limit].tolist())))
+                out.append(Prediction(target, tuple(ids[d][:limit]), tuple(values[d][:limit])))
             return out
         probs = signals.lookahead_probs  # [D, n, E]
         if probs is None:
