@@ -171,6 +171,8 @@ class OffloadController:
         self._bytes = {p: spec.expert_bytes(p) for p in ("bf16", "int8", "int4", "int2")}
         """Bytes of one expert in each precision."""
         self._no_reuse = policy.eviction == "none"
+        self._observes = policy.prediction == "eap"
+        """Only the EAP predictor learns from routes (the others' observe is a no-op)."""
         self._fixed_precision = None if policy.precision == "fate-hybrid" else policy.precision
         self.step = -1
         self.phase = "decode"
@@ -247,46 +249,55 @@ class OffloadController:
                 self._evict(cache, expert)
         spare: list[int] = []
         if cache.pending:
-            for expert, t in list(cache.pending.items()):
-                if expert in counts:
-                    t.used = True
-                    st["prefetches_used"] += 1
-                    if t.state == DONE:
-                        st["bytes_prefetch_used"] += t.nbytes
-                    elif t.state == QUEUED:
-                        plan.promoted.append(t)
-                elif t.state == QUEUED and self.policy.cancel_stale:
-                    t.state = CANCELLED
-                    plan.cancelled.append(t)
-                    self._evict(cache, expert)
-                    st["prefetches_cancelled"] += 1
-                else:
-                    spare.append(expert)
-            cache.pending = {}
-        if cache.selected:
-            st["prefetch_selected"] += len(cache.selected)
-            st["prefetch_covered"] += sum(1 for e in cache.selected if e in counts)
+            self._settle_prefetches(cache, counts, plan, spare)
+        selected = cache.selected
+        if selected:
+            st["prefetch_selected"] += len(selected)
+            st["prefetch_covered"] += len(selected.intersection(counts))
             cache.selected = set()
         hits = [e for e in ids if e in resident]
-        n_hits = len(hits)
+        n_hits, n_ids = len(hits), len(ids)
         st["hits"] += n_hits
-        st["misses"] += len(ids) - n_hits
+        st["misses"] += n_ids - n_hits
         st["hits_per_layer"][layer] += n_hits
-        st["routed_per_layer"][layer] += len(ids)
+        st["routed_per_layer"][layer] += n_ids
         if layer:
-            st["routed_predictable"] += len(ids)
-        policy = cache.policy
+            st["routed_predictable"] += n_ids
+        on_access = cache.policy.on_access
         work = plan.gpu_work
         for expert in hits:
-            policy.on_access(expert, step)
+            on_access(expert, step)
             t = resident[expert]
             work.append((expert, counts[expert], t.precision, None if t.state == DONE else t))
         plan.hits = hits
-        if n_hits < len(ids):
+        if n_hits < n_ids:
             self._plan_misses(cache, layer, ids, counts, [e for e in ids if e not in resident], spare, plan)
-        self.predictor.observe(layer, routed_ids)
+        if self._observes:
+            self.predictor.observe(layer, routed_ids)
         assert self.occupied_slots * self.slot_bytes <= self.expert_budget_bytes, "expert budget exceeded"
         return plan
+
+    def _settle_prefetches(self, cache: _LayerCache, counts: dict[int, int], plan: LayerPlan,
+                           spare: list[int]) -> None:
+        """The layer routed: its pending prefetches are used (promoted if still queued), cancelled if stale
+        and still queued, or left resident as spare speculated experts."""
+        st = self.stats
+        for expert, t in list(cache.pending.items()):
+            if expert in counts:
+                t.used = True
+                st["prefetches_used"] += 1
+                if t.state == DONE:
+                    st["bytes_prefetch_used"] += t.nbytes
+                elif t.state == QUEUED:
+                    plan.promoted.append(t)
+            elif t.state == QUEUED and self.policy.cancel_stale:
+                t.state = CANCELLED
+                plan.cancelled.append(t)
+                self._evict(cache, expert)
+                st["prefetches_cancelled"] += 1
+            else:
+                spare.append(expert)
+        cache.pending = {}
 
     def _plan_misses(self, cache: _LayerCache, layer: int, ids: list[int], counts: dict[int, int],
                      misses: list[int], spare: list[int], plan: LayerPlan) -> None:
