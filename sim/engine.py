@@ -137,6 +137,7 @@ class Engine:
                     link.advance(now)
                 route_at = now
                 plan = ctl.on_route(layer, ids, counts)
+                assert ctl.occupied_slots * ctl.slot_bytes <= ctl.expert_budget_bytes, "expert budget exceeded"
                 for t in plan.cancelled:
                     link.cancel(t)
                 for t in plan.promoted:

@@ -60,6 +60,7 @@ def replay_lod(workload: Workload, ctl: OffloadController, costs: CostModel) -> 
             total_occupied += min(m, s) - occupied[layer]
             occupied[layer] = min(m, s)
             peak = max(peak, total_occupied)
+            assert total_occupied * ctl.slot_bytes <= ctl.expert_budget_bytes, "expert budget exceeded"
             compute_end: list[float] = []
             ready = route_at
             for i, tokens in enumerate(counts_list):
