@@ -266,7 +266,8 @@ def run_offloaded(model: nn.Module, prompts: Prompts, *, model_name: str, policy
         makespan_s=run_end - run_start, copy_engines=1, num_layers=spec.num_moe_layers)
     result.update({
         "policy": policy.name, "policy_components": policy.components(), "memory_budget_bytes": total,
-        "profile": hw.name, "model": model_name, "trace_hash": trace.content_hash() if trace is not None else None,
+        "expert_budget_bytes": experts_budget, "slots_per_layer": list(ctl.slots_per_layer),
+        "peak_expert_bytes": engine.max_resident_bytes, "profile": hw.name, "model": model_name, "trace_hash": trace.content_hash() if trace is not None else None,
         "generated": gen.generated,
     })
     if trace_out is not None:

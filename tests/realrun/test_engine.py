@@ -14,6 +14,7 @@ from realrun.runner import expert_budget
 from realrun.session import run_offloaded
 from sim.metrics import METRIC_KEYS
 from sim.policies.presets import build_policy
+from sim.replay import replay
 from sim.units import parse_budget
 from tests.realrun.conftest import NEW_TOKENS, PROMPTS, fresh
 from traces.errors import UserError
@@ -154,14 +155,18 @@ def test_metrics_keys_timeline_and_trace_of_the_run(references, tmp_path: Path) 
     result, gen, engine = _run(references, "qwen2_moe", "fate", {"precision": "bf16"}, timeline=timeline,
                                trace_out=trace_path)
     assert set(METRIC_KEYS) <= set(result)
-    assert {"policy", "policy_components", "memory_budget_bytes", "profile", "model", "trace_hash",
-            "generated"} <= set(result)
+    assert {"policy", "policy_components", "memory_budget_bytes", "expert_budget_bytes", "slots_per_layer",
+            "peak_expert_bytes", "profile", "model", "trace_hash", "generated"} <= set(result)
+    assert result["peak_expert_bytes"] <= result["expert_budget_bytes"]
     events = json.loads(timeline.read_text())["traceEvents"]
     names = {e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
     assert {"GPU stream", "CPU predictor", "copy engine 0"} <= names
     assert any(e["ph"] == "X" and e["tid"] == 10 for e in events)
     trace = read_trace(trace_path)
     assert result["trace_hash"] == trace.content_hash()
+    simulated = replay(trace, policy=build_policy("fate", {"precision": "bf16"}), hw="rtx3090-pcie3",
+                       memory_budget="50%")
+    assert set(simulated) == set(result) - {"generated"}  # realrun and replay emit the same keys
     lens = [len(p) + NEW_TOKENS - 1 for p in PROMPTS.token_ids]
     assert trace.num_tokens == sum(lens) and trace.num_prefill_tokens == sum(len(p) for p in PROMPTS.token_ids)
     assert trace.lookahead_depth == 1
