@@ -40,6 +40,7 @@ from realrun.store import SlowStore, aligned_buffer
 from sim.hardware import HardwareProfile, load_profile, profile_from_dict
 from sim.metrics import compute_metrics
 from sim.modelspec import ModelSpec
+from sim.policies.allocation import allocate
 from sim.policies.controller import OffloadController
 from sim.policies.presets import PolicyConfig, build_policy
 from sim.units import parse_budget
@@ -211,6 +212,14 @@ def build_trace(routes: list[list[RouteRecord]], gen: Generation, prompts: Promp
     )
 
 
+def check_slots(policy: PolicyConfig, spec: ModelSpec, experts_budget: int) -> None:
+    """UserError, before any weight is loaded, when the budget cannot give every layer top-k slots (the
+    allocation policy's own rule, applied to the slot size the controller will use)."""
+    slot_bytes = max(spec.expert_bytes(p) for p in storage_precisions(policy))
+    allocate("uniform", total_slots=experts_budget // slot_bytes, num_layers=spec.num_moe_layers,
+             num_experts=spec.num_experts, top_k=spec.top_k)
+
+
 def run_offloaded(model: nn.Module, prompts: Prompts, *, model_name: str, policy: PolicyConfig,
                   memory_budget: str | int, device: torch.device, store: str = "disk",
                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, store_path: Path | None = None,
@@ -325,7 +334,7 @@ def run_realrun(model: str, prompts: str | os.PathLike[str] | None, policy: str,
     prompt_set = load_prompts(prompts, _tokenizer(folder))
     kv_tokens = max(len(p) for p in prompt_set.token_ids) + max_new_tokens
     budget_bytes = parse_budget(memory_budget, spec, kv_tokens)
-    expert_budget(budget_bytes, spec, kv_tokens)
+    check_slots(pol, spec, expert_budget(budget_bytes, spec, kv_tokens))
     loaded, name = load_model(folder, dev), model
     result, _ = run_offloaded(
         loaded, prompt_set, model_name=name, policy=pol, memory_budget=budget_bytes, device=dev, store=store,

@@ -9,7 +9,7 @@ import torch
 from hqq.core.quantize import Quantizer
 
 from realrun.quant import Dequantizer, expert_layout, pack_expert, raw_views
-from sim.modelspec import PRECISIONS, get_model_spec
+from sim.modelspec import PRECISIONS, get_model_spec, list_model_specs
 from traces.errors import UserError
 
 
@@ -25,7 +25,7 @@ def _weights(spec, seed: int = 0) -> dict[str, torch.Tensor]:
             "down": torch.randn(h, i, generator=g)}
 
 
-@pytest.mark.parametrize("model", ["qwen1.5-moe-a2.7b", "deepseek-moe-16b", "mixtral-8x7b", "olmoe-1b-7b"])
+@pytest.mark.parametrize("model", list_model_specs())
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 def test_layout_bytes_equal_simulator_bytes(model: str, precision: str) -> None:
     """The record realrun moves for one expert is exactly the simulator's expert_bytes, real shapes."""
