@@ -23,26 +23,29 @@ import click
               help="Slow tier: a file read with O_DIRECT (real SSD reads) or host RAM.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Tokens generated per prompt (greedy).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a policy component or parameter, e.g. --set eviction=lru (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics JSON (with `generated`) instead of a summary.")
 @click.option("--timeline", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a Chrome trace-event timeline (Perfetto) of the run to this file.")
 @click.option("--trace-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the routing trace of this very run (trace format v1, .safetensors) to this file.")
 def realrun(model: str, prompts_path: Path, policy: str, memory_budget: str, device: str, store: str,
-            max_new_tokens: int, overrides: tuple[str, ...], as_json: bool, timeline: Path | None,
+            max_new_tokens: int, as_json: bool, timeline: Path | None,
             trace_out: Path | None) -> None:
     """Run a model for real with offloaded experts under a policy; print replay's metrics."""
     from tqdm import tqdm
 
     from realrun.session import run_realrun
-    from sim.policies.presets import parse_overrides
 
-    with tqdm(desc=f"realrun {policy}", unit="tok", disable=None, leave=False) as bar:
+    with tqdm(desc=f"realrun {policy}", unit="step", disable=None, leave=False) as bar:
+
+        def set_total(steps: int) -> None:
+            bar.total = steps
+            bar.refresh()
+
         result = run_realrun(model, prompts_path, policy, memory_budget, device=device, store=store,
-                             max_new_tokens=max_new_tokens, overrides=parse_overrides(overrides),
-                             timeline=timeline, trace_out=trace_out, progress=bar.update)
+                             max_new_tokens=max_new_tokens,
+                             timeline=timeline, trace_out=trace_out, progress=bar.update,
+                             progress_total=set_total)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

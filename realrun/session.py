@@ -309,10 +309,12 @@ def run_realrun(model: str, prompts: str | os.PathLike[str] | None, policy: str,
                 overrides: dict[str, Any] | None = None, timeline: str | os.PathLike[str] | None = None,
                 trace_out: str | os.PathLike[str] | None = None, profile: str | None = None,
                 store_path: str | os.PathLike[str] | None = None,
-                progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                progress: Callable[[int], None] | None = None,
+                progress_total: Callable[[int], None] | None = None) -> dict[str, Any]:
     """`fatesim realrun`: the metrics JSON of `fatesim replay` plus `generated` (token ids per prompt).
 
-    prompts: a prompt file, or None for `traces.promptset.DEFAULT_PROMPTS`; profile: a hardware profile for
+    prompts: a prompt file, or None for `traces.promptset.DEFAULT_PROMPTS`; progress(n) is called after each
+    forward step, progress_total(steps) once the step count is known; profile: a hardware profile for
     the controller (name or .toml), or None to measure this machine at start-up; store_path: where the disk
     store lives, or None for `STORE_DIR`/experts-<fingerprint>.bin (reused while the weights and options
     match: quantising a model with HQQ is done once).
@@ -335,6 +337,8 @@ def run_realrun(model: str, prompts: str | os.PathLike[str] | None, policy: str,
     kv_tokens = max(len(p) for p in prompt_set.token_ids) + max_new_tokens
     budget_bytes = parse_budget(memory_budget, spec, kv_tokens)
     check_slots(pol, spec, expert_budget(budget_bytes, spec, kv_tokens))
+    if progress_total is not None:
+        progress_total(len(prompt_set.token_ids) * max_new_tokens)  # one tick per forward step
     loaded, name = load_model(folder, dev), model
     result, _ = run_offloaded(
         loaded, prompt_set, model_name=name, policy=pol, memory_budget=budget_bytes, device=dev, store=store,

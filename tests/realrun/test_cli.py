@@ -46,10 +46,10 @@ def test_cli_json_timeline_and_trace(model_dir: Path, prompts_file: Path, tmp_pa
     assert timeline.exists() and trace.exists()
 
 
-def test_cli_summary_and_set(model_dir: Path, prompts_file: Path, capsys) -> None:
-    """Without --json a short summary is printed; --set overrides a component."""
+def test_cli_summary(model_dir: Path, prompts_file: Path, capsys) -> None:
+    """Without --json a short summary is printed."""
     main(["realrun", "--model", str(model_dir), "--prompts", str(prompts_file), "--policy", "lru",
-          "--memory-budget", "60%", "--store", "ram", "--max-new-tokens", "2", "--set", "eviction=lfu"])
+          "--memory-budget", "60%", "--store", "ram", "--max-new-tokens", "2"])
     out = capsys.readouterr().out
     assert "decode" in out and "hit rate" in out
 
