@@ -198,10 +198,10 @@ def build_profile(points: Sequence[Point], *, name: str, device_kind: str, memor
     """Fit every model of the profile schema to `points` and assemble the profile."""
     link_pts = _select(points, "link")
     link = fit_link([p.nbytes for p in link_pts], [p.seconds for p in link_pts])
-    # The roofline is fitted to the SwiGLU matmuls (routed and shared experts): the operations a policy
-    # multiplies. Attention on a CPU runs below that roofline (other kernels, bias adds, SDPA, KV-cache
-    # concatenation); its shortfall at decode is a fixed cost per layer and goes into layer_overhead_s.
-    compute_pts = _select(points, "expert", "mlp")
+    # One roofline for every operation the simulator charges with it: routed experts, shared experts and
+    # attention. Where decode attention still runs below it (bf16 on a CPU without native bf16: casts,
+    # SDPA, KV-cache concatenation), the median shortfall is a fixed cost per layer: layer_overhead_s.
+    compute_pts = _select(points, "expert", "mlp", "attention")
     compute = fit_roofline([p.flops for p in compute_pts], [p.nbytes for p in compute_pts],
                            [p.seconds for p in compute_pts])
     cpu_pts = _select(points, "cpu_expert") or _select(points, "expert")

@@ -113,7 +113,7 @@ def default_plan(device: str, store: str, *, quick: bool, compute_dtype: torch.d
         sizes = geometric_sizes(64 << 10, 64 << 20, 3)
         plan = dict(
             expert_tokens=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128, 256, 512),
-            mlp_tokens=(1, 4, 16, 64, 256),
+            mlp_tokens=(1, 2, 4, 8, 16, 32, 64, 256),
             attention_points=((1, 64), (1, 256), (1, 1024), (1, 4096), (16, 16), (64, 64), (256, 256), (512, 512)),
             repeats=7, min_seconds=0.15, dequant_precisions=("int8", "int4", "int2"),
         )

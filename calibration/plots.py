@@ -70,7 +70,7 @@ def _plot_compute(cal: Calibration, path: Path) -> None:
         rel.plot(flops, (predicted - seconds) / seconds * 100, "o", ms=3, color=color)
     c = cal.compute
     ax.set(xscale="log", yscale="log", ylabel="seconds per operation",
-           title=(f"roofline fit to experts + shared MLP (dashed): launch {c.kernel_launch_s * 1e6:.1f} µs,\n"
+           title=(f"roofline fit to experts, shared MLP, attention (dashed): launch {c.kernel_launch_s * 1e6:.1f} µs,\n"
                   f"{c.matmul_flops_per_s / 1e9:.1f} GFLOP/s, {c.memory_bytes_per_s / 1e9:.2f} GB/s; decode attention "
                   f"{cal.attention_shortfall_s * 1e3:.1f} ms above it -> layer overhead"))
     ax.legend(fontsize=8)
