@@ -132,8 +132,6 @@ class OffloadEngine:
         self.int4_mm = {p: Int4Matmuls(lay) for p, lay in layouts.items() if lay.packing == "tinygemm"}
         # CUDA: the event recorded on the compute stream after each slot was last read
         self.slot_free: list[list[torch.cuda.Event | None]] = [[None] * n for n in controller.slots_per_layer]
-        staging = self.slot_stride if device.type == "cuda" and isinstance(store, DiskStore) else 0
-        self.loader = Loader(store, device, staging_bytes=staging)
         self._copies: dict[Transfer, Copy] = {}
         self._in_flight: list[Copy] = []
         self._hooks: list[Any] = []
@@ -153,6 +151,9 @@ class OffloadEngine:
         self._pending_lookahead: list[np.ndarray | None] = [None] * spec.num_moe_layers
         self._install()
         self._preload()
+        # last: nothing after this may fail and leave the I/O thread running without an owner
+        staging = self.slot_stride if device.type == "cuda" and isinstance(store, DiskStore) else 0
+        self.loader = Loader(store, device, staging_bytes=staging)
 
     # --- setup -----------------------------------------------------------------------------------
     def _alloc(self, nbytes: int) -> torch.Tensor:
@@ -240,6 +241,7 @@ class OffloadEngine:
         self._report_transfers()
         for t in self.ctl.on_gate_input(layer, signals):
             self._submit(t)
+        self.max_resident_bytes = max(self.max_resident_bytes, self.ctl.resident_bytes())
         end = time.perf_counter()
         self.predictor_s += end - start
         self.spans.append(Span("predictor", f"predict L{layer}", start, end))
