@@ -31,7 +31,7 @@ import simpy
 from sim.costs import CostModel
 from sim.link import DEMAND, PREFETCH, Link
 from sim.policies.controller import OffloadController, Transfer
-from sim.policies.prediction import Signals
+from sim.policies.prediction import NEEDS_LOOKAHEAD, Signals
 from sim.workload import RANK_DEPTH, Workload
 
 
@@ -67,7 +67,8 @@ class Engine:
                          record=record)
         self.predictor_latency_s = hw.cpu.predictor_latency_s
         self.predicts = ctl.policy.prefetch != "none"
-        self.rank = workload.lookahead_rank if presorted and ctl.prediction_limit <= RANK_DEPTH else None
+        uses_rank = ctl.policy.prediction in NEEDS_LOOKAHEAD and ctl.prediction_limit <= RANK_DEPTH
+        self.rank = workload.lookahead_rank if presorted and uses_rank else None
         """Pre-sorted look-ahead rankings handed to decode predictions (same result as sorting each time)."""
         self.cpu_free_at = 0.0
         """Closed-form CPU predictor thread: busy until (fast mode)."""
