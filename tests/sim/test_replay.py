@@ -107,3 +107,24 @@ def test_bad_input_is_a_one_line_user_error(kwargs: dict, message: str) -> None:
 def test_budget_below_top_k_slots_per_layer_is_refused(synthetic) -> None:
     with pytest.raises(UserError, match="fewer than top-4 experts in each of the 24 MoE layers"):
         replay(synthetic, policy="lru", memory_budget="3%")
+
+
+def test_learned_predictor_hook_receives_signals_and_drives_prefetch(synthetic) -> None:
+    """A score_fn that knows the next layer's routing makes the `learned` predictor perfect."""
+    import numpy as np
+
+    seen = []
+
+    def score_fn(layer: int, signals) -> np.ndarray:
+        seen.append((signals.step, signals.phase))
+        ids, counts = synthetic.workload.future.routed(signals.step, layer + 1)
+        scores = np.zeros(60)
+        scores[ids] = counts
+        return scores
+
+    m = replay(synthetic, policy="lru", memory_budget="30%", score_fn=score_fn,
+               overrides={"prediction": "learned", "prefetch": "all"})
+    assert m["prefetch_precision"] == 1.0 and m["prefetch_recall"] == 1.0
+    assert {phase for _, phase in seen} == {"prefill", "decode"}
+    with pytest.raises(UserError, match="needs a trained estimator"):
+        replay(synthetic, policy="lru", memory_budget="30%", overrides={"prediction": "learned", "prefetch": "all"})
