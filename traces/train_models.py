@@ -238,32 +238,40 @@ def balance_loss(calls, num_experts: int, sigmoid: bool) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
-def lr_at(step: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
+def lr_at(step: int, progress: float) -> float:
+    """Linear warm-up over WARMUP_STEPS, then cosine decay to 10% of the peak as `progress` goes 0 -> 1."""
     if step < WARMUP_STEPS:
         return PEAK_LR * (step + 1) / WARMUP_STEPS
-    frac = (step - WARMUP_STEPS) / max(1, total - WARMUP_STEPS)
-    return PEAK_LR * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+    return PEAK_LR * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def train(model, stream: np.ndarray, minutes: float, steps: int | None, log) -> dict[str, Any]:
-    """Train in place; the step count is `steps`, or fitted to `minutes` from the speed of the first steps."""
+    """Train in place for exactly `steps` steps, or else for `minutes` of wall time.
+
+    With a time budget the learning-rate schedule follows the elapsed share of the budget, so a machine
+    that gets busier mid-run still ends with an annealed model; the step count reached is recorded.
+    Batches are drawn from a seeded generator, so `--steps N` retrains the same model (up to float
+    reduction order).
+    """
     rng = np.random.default_rng(SEED)
     num_experts = model.config.num_experts if hasattr(model.config, "num_experts") else model.config.n_routed_experts
     sigmoid = model.config.model_type == "deepseek_v3"
     opt = torch.optim.AdamW(model.parameters(), lr=PEAK_LR, betas=(0.9, 0.95), weight_decay=0.1)
+    budget_s = minutes * 60
     model.train()
     started = time.monotonic()
-    total = steps if steps is not None else 10**9
-    calibrate_at = 5
     history = []
     step = 0
     with RouterCapture(model, keep_graph=True) as capture:
-        while step < total:
+        while True:
+            elapsed = time.monotonic() - started
+            progress = step / steps if steps is not None else elapsed / budget_s
+            if progress >= 1.0:
+                break
             starts = rng.integers(0, len(stream) - SEQ_LEN - 1, size=BATCH)
             batch = torch.from_numpy(np.stack([stream[s:s + SEQ_LEN + 1] for s in starts]).astype(np.int64))
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, total if steps is not None or step >= calibrate_at else 10**9)
+                group["lr"] = lr_at(step, progress)
             capture.clear()
             logits = model(input_ids=batch[:, :-1]).logits
             lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
@@ -274,22 +282,18 @@ def train(model, stream: np.ndarray, minutes: float, steps: int | None, log) -> 
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
-            elapsed = time.monotonic() - started
-            if steps is None and step == calibrate_at:
-                total = max(calibrate_at + 1, int(minutes * 60 / (elapsed / step)))
-                log(f"  {elapsed / step:.2f} s/step -> {total} steps for {minutes} min")
-            if step % 25 == 0 or step == total:
+            if step % 25 == 0 or step == 1:
+                elapsed = time.monotonic() - started
                 history.append({"step": step, "lm_loss": round(lm.item(), 4), "aux_loss": round(aux.item(), 4),
                                 "elapsed_s": round(elapsed, 1)})
-                log(f"  step {step}/{total} lm {lm.item():.3f} aux {aux.item():.3f} {elapsed / 60:.1f} min")
-            if steps is None and elapsed > 1.5 * minutes * 60:
-                log(f"  stopping early at step {step}: 1.5x the time budget passed (machine busier than at start)")
-                break
+                log(f"  step {step} lm {lm.item():.3f} aux {aux.item():.3f} {elapsed / 60:.1f} min")
+    capture.clear()
     model.eval()
-    return {"steps": step, "planned_steps": total, "minutes": round((time.monotonic() - started) / 60, 2),
+    return {"steps": step, "minutes": round((time.monotonic() - started) / 60, 2),
+            "budget": f"{steps} steps" if steps is not None else f"{minutes} min",
             "batch_windows": BATCH, "window_tokens": SEQ_LEN, "tokens_seen": step * BATCH * SEQ_LEN,
             "peak_lr": PEAK_LR, "warmup_steps": WARMUP_STEPS, "aux_loss_coef": AUX_LOSS_COEF,
-            "optimizer": "AdamW(0.9, 0.95, wd 0.1), grad clip 1.0, cosine to 10%", "history": history}
+            "optimizer": "AdamW(0.9, 0.95, wd 0.1), grad clip 1.0, cosine to 10% of peak", "history": history}
 
 
 # ------------------------------------------------------------------------------------- evaluation + stats
@@ -388,6 +392,7 @@ def save_model(model, tokenizer, target: Path) -> None:
     """Write the model (bf16 safetensors) and tokenizer into `target`, replacing it as a whole."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the model folder is meant to be shared
     try:
         model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
         model.to(torch.float32)
@@ -431,6 +436,9 @@ def train_one(recipe: ModelRecipe, tokenizer, train_stream: np.ndarray, held_str
     }
     with atomic_output(target / "training.json") as tmp:
         tmp.write_text(json.dumps(info, indent=2) + "\n")
+        tmp.chmod(0o644)
+    for path in target.iterdir():
+        path.chmod(0o644)
     log(f"{recipe.name}: train ppl {info['train_perplexity']}, held-out ppl {info['held_out_perplexity']}, "
         f"{weights.stat().st_size / 2**20:.1f} MiB")
     return info
@@ -439,10 +447,13 @@ def train_one(recipe: ModelRecipe, tokenizer, train_stream: np.ndarray, held_str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m traces.train_models", description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=[*recipes(), "all"], default="all", help="which model (default: all)")
-    parser.add_argument("--minutes", type=float, default=13.0,
-                        help="training time per model in minutes; sets the step count (default: 13)")
+    parser.add_argument("--minutes", type=float, default=16.0,
+                        help="wall-clock training time per model in minutes (default: 16)")
     parser.add_argument("--steps", type=int, default=None,
                         help="exact step count (overrides --minutes; for bit-reproducible retraining)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch CPU threads (default: 2; use 1 on a machine shared with other jobs: OpenMP "
+                             "threads that wait for each other on oversubscribed cores slow training down)")
     parser.add_argument("--out", type=Path, default=MODELS_DIR, help=f"output folder (default: {MODELS_DIR})")
     parser.add_argument("--cache", type=Path, default=CACHE_DIR, help=f"data cache (default: {CACHE_DIR})")
     args = parser.parse_args(argv)
@@ -450,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     try:
         root = fetch_package(args.cache)
