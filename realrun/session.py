@@ -276,7 +276,8 @@ def run_offloaded(model: nn.Module, prompts: Prompts, *, model_name: str, policy
     result.update({
         "policy": policy.name, "policy_components": policy.components(), "memory_budget_bytes": total,
         "expert_budget_bytes": experts_budget, "slots_per_layer": list(ctl.slots_per_layer),
-        "peak_expert_bytes": ctl.peak_slots * ctl.slot_bytes, "profile": hw.name, "model": model_name, "trace_hash": trace.content_hash() if trace is not None else None,
+        "peak_expert_bytes": ctl.peak_slots * ctl.slot_bytes, "profile": hw.name, "model": model_name,
+        "trace_hash": trace.content_hash() if trace is not None else None,
         "generated": gen.generated,
     })
     if trace_out is not None:
