@@ -18,6 +18,7 @@ from traces.errors import UserError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "trace": ("traces.cli", "trace", "Record, import and inspect routing traces."),
     "replay": ("sim.replay_cli", "replay", "Replay a trace under a policy, budget and hardware profile."),
+    "compare": ("sim.compare", "main", "Replay one trace under several policies; one table with speedups."),
     "policies": ("sim.replay_cli", "policies", "List the policy presets and their components."),
     "profiles": ("sim.replay_cli", "profiles", "List the hardware profiles with provenance."),
     "analyze": ("sim.analysis.cli", "analyze", "Routing analyses: local routing consistency, predictors."),

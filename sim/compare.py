@@ -1,6 +1,6 @@
-"""`python -m sim.compare`: one trace under several policies, one comparison table (what `make demo` prints).
+"""`fatesim compare`: one trace under several policies, one comparison table (what `make demo` prints).
 
-    python -m sim.compare --trace mini.safetensors --as-model qwen1.5-moe-a2.7b --hw rtx3090-pcie3 \\
+    fatesim compare --trace mini.safetensors --as-model qwen1.5-moe-a2.7b --hw rtx3090-pcie3 \\
         --memory-budget 25% --policies lod,lru,eap,fate,oracle
 
 Every policy replays the same loaded trace (`replay_many`); speedups are over the first policy listed.
@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from sim.replay import load, replay_many
+from traces.errors import UserError
 
 
 def compare(trace: Any, policies: list[str], *, hw: str = "rtx3090-pcie3", memory_budget: str = "25%",
@@ -55,18 +56,14 @@ def format_comparison(results: list[dict[str, Any]]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the list of metrics JSON objects instead.")
 def main(trace_path: str, policies: str, hw: str, memory_budget: str, as_model: str | None, as_json: bool) -> None:
     """Replay one trace under several policies and print one comparison table."""
-    from traces.errors import UserError
-
     names = [p.strip() for p in policies.split(",") if p.strip()]
-    try:
-        if not names:
-            raise UserError("--policies is empty; give comma-separated presets such as lod,fate")
-        results = compare(trace_path, names, hw=hw, memory_budget=memory_budget, as_model=as_model)
-    except UserError as error:  # the CLI's convention: one line on stderr, exit code 2
-        click.echo(f"fatesim: error: {error}", err=True)
-        sys.exit(2)
+    if not names:
+        raise UserError("--policies is empty; give comma-separated presets such as lod,fate")
+    results = compare(trace_path, names, hw=hw, memory_budget=memory_budget, as_model=as_model)
     click.echo(json.dumps(results) if as_json else format_comparison(results))
 
 
 if __name__ == "__main__":
-    main()
+    from sim.cli import main as fatesim_main
+
+    fatesim_main(["compare", *sys.argv[1:]])

@@ -80,7 +80,7 @@ def test_policies_and_profiles_list_everything(capsys) -> None:
 
 
 def test_compare_prints_one_table_with_speedups(trace_file, capsys) -> None:
-    """`python -m sim.compare` (what `make demo` runs): a row per policy, speedups over the first."""
+    """`fatesim compare` (what `make demo` runs): a row per policy, speedups over the first."""
     from sim.compare import compare, format_comparison
 
     results = compare(str(trace_file), ["lod", "lru", "fate"], memory_budget="25%")
@@ -93,9 +93,9 @@ def test_compare_prints_one_table_with_speedups(trace_file, capsys) -> None:
 
 
 def test_compare_refuses_unknown_policy_with_exit_2(trace_file, capsys) -> None:
-    from sim.compare import main as compare_main
+    from sim.cli import main
 
     with pytest.raises(SystemExit) as exit_:
-        compare_main(["--trace", str(trace_file), "--policies", "lod,nope"], standalone_mode=False)
+        main(["compare", "--trace", str(trace_file), "--policies", "lod,nope"])
     assert exit_.value.code == 2
     assert "unknown policy 'nope'" in capsys.readouterr().err
