@@ -33,6 +33,16 @@ $(TRACES)/%.safetensors: $(STAMP) $(PROMPTS) traces/models/%/model.safetensors
 
 trace: $(TRACES)/mini-qwen-moe.safetensors $(TRACES)/mini-deepseek-moe.safetensors
 
+# The main job: Qwen1.5-MoE-A2.7B shapes on the Fate paper's RTX 3090 at a budget where a quarter of the
+# routed experts fit, with the routing of the embedded mini-qwen-moe model.
+demo: $(TRACES)/mini-qwen-moe.safetensors
+	$(FATESIM) trace info $<
+	$(FATESIM) compare --trace $< --as-model qwen1.5-moe-a2.7b --hw rtx3090-pcie3 --memory-budget 25% \
+		--policies lod,lru,eap,fate,oracle
+
+bench: $(STAMP)
+	$(BIN)/python -m sim.bench
+
 models: $(STAMP)
 	$(BIN)/python -m traces.train_models --model all
 
