@@ -11,6 +11,11 @@ Contenders, all on the same prompts (random token ids, seeded), greedy, same num
   read through the page cache; the files are evicted from the cache with POSIX_FADV_DONTNEED first);
 - `in-ram`: the plain model with every weight in RAM (ignores the budget: the no-offloading bound).
 
+With `--device cuda` the realrun contenders compute on the GPU with the slow tier in pinned host RAM
+(`--store ram`, the Fate setting) or on disk, `accelerate-cpu` keeps what fits the budget on the GPU and
+offloads the rest to CPU RAM (`max_memory={0: budget, "cpu": ...}`), and `in-ram` is the model wholly on
+the GPU. Without a GPU none of this can run; it is written, not yet measured.
+
 Each contender gets one untimed warm-up forward; tokens/s and ratios to `lod` are printed as a Markdown
 table and written as JSON. Threads: torch runs on 1 intra-op thread for every contender (on a small shared
 machine OpenMP worker threads that get descheduled make element-wise ops 20x slower; 1 thread is fair to
@@ -40,24 +45,25 @@ from traces.atomic import atomic_output
 DEFAULT_CACHE = Path(os.environ.get("FATESIM_CACHE", Path.home() / ".cache" / "fatesim"))
 
 
-def qwen_shaped_config(num_layers: int) -> dict[str, Any]:
-    """Qwen1.5-MoE-A2.7B's config with `num_layers` decoder layers and a 32k vocabulary, float32."""
+def qwen_shaped_config(num_layers: int, **overrides: Any) -> dict[str, Any]:
+    """Qwen1.5-MoE-A2.7B's config with `num_layers` decoder layers and a 32k vocabulary, float32
+    (`overrides`: smaller shapes for the tests of this script)."""
     return dict(
         vocab_size=32000, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
         shared_expert_intermediate_size=5632, num_hidden_layers=num_layers, num_attention_heads=16,
         num_key_value_heads=16, num_experts=60, num_experts_per_tok=4, norm_topk_prob=False,
         max_position_embeddings=4096, rope_theta=1000000.0, tie_word_embeddings=False, dtype="float32",
-    )
+    ) | overrides
 
 
-def generate_model(folder: Path, num_layers: int, seed: int = 0) -> Path:
+def generate_model(folder: Path, num_layers: int, seed: int = 0, **overrides: Any) -> Path:
     """Write the random Qwen-shaped model to `folder` (once; an existing complete folder is reused)."""
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     if (folder / "config.json").exists() and (folder / "model.safetensors.index.json").exists():
         return folder
     torch.manual_seed(seed)
-    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**qwen_shaped_config(num_layers))).eval()
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**qwen_shaped_config(num_layers, **overrides))).eval()
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, max_shard_size="1GB")
@@ -70,6 +76,11 @@ def random_prompts(num_prompts: int, prompt_tokens: int, vocab: int, seed: int =
     g = torch.Generator().manual_seed(seed)
     ids = [torch.randint(0, vocab, (prompt_tokens,), generator=g).tolist() for _ in range(num_prompts)]
     return Prompts(ids, f"random-{num_prompts}x{prompt_tokens}", f"seed-{seed}")
+
+
+def _dtype(device: torch.device) -> torch.dtype:
+    """float32 on CPU (no AVX512-BF16 here: bf16 matmuls are ~5x slower), bfloat16 on a GPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def _rates(gen) -> dict[str, float]:
@@ -89,52 +100,65 @@ def _drop_page_cache(folder: Path) -> None:
                 os.close(fd)
 
 
-def bench_accelerate(folder: Path, prompts: Prompts, new_tokens: int, budget_bytes: int, cache: Path) -> dict:
-    """accelerate's big-model inference: RAM up to the budget, the remaining layers offloaded to disk."""
+def bench_accelerate(folder: Path, prompts: Prompts, new_tokens: int, budget_bytes: int, cache: Path,
+                     device: torch.device) -> dict:
+    """accelerate's big-model inference: fast memory up to the budget, the remaining layers offloaded (to
+    disk on a CPU device, to CPU RAM on a GPU)."""
     from transformers import AutoModelForCausalLM
 
     offload = cache / "accelerate-offload"
     shutil.rmtree(offload, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="auto",
-                                                 max_memory={"cpu": budget_bytes}, offload_folder=offload,
-                                                 experts_implementation="eager").eval()
-    placement = sorted(set(model.hf_device_map.values()))
+    if device.type == "cuda":
+        max_memory: dict[Any, int] = {device.index or 0: budget_bytes, "cpu": 1 << 40}
+        dtype = torch.bfloat16
+    else:
+        max_memory, dtype = {"cpu": budget_bytes}, torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="auto", max_memory=max_memory,
+                                                 offload_folder=offload, experts_implementation="eager").eval()
+    placement = sorted({str(v) for v in model.hf_device_map.values()})
+    first = next(model.parameters()).device if device.type == "cuda" else torch.device("cpu")
     with torch.inference_mode():
-        model(input_ids=torch.tensor([prompts.token_ids[0][:8]]))  # warm-up, untimed
-    _drop_page_cache(offload)
-    gen = greedy_generate(model, prompts.token_ids, new_tokens, torch.device("cpu"))
+        model(input_ids=torch.tensor([prompts.token_ids[0][:8]], device=first))  # warm-up, untimed
+    if offload.exists():
+        _drop_page_cache(offload)
+    gen = greedy_generate(model, prompts.token_ids, new_tokens, first)
     del model
     shutil.rmtree(offload, ignore_errors=True)
     return {**_rates(gen), "placement": placement, "generated": gen.generated}
 
 
-def bench_in_ram(folder: Path, prompts: Prompts, new_tokens: int) -> dict:
-    model = load_model(folder, torch.device("cpu"))
+def bench_in_ram(folder: Path, prompts: Prompts, new_tokens: int, device: torch.device) -> dict:
+    """The plain model wholly in fast memory: the bound no offloading can beat."""
+    model = load_model(folder, device, _dtype(device))
     with torch.inference_mode():
-        model(input_ids=torch.tensor([prompts.token_ids[0][:8]]))
-    gen = greedy_generate(model, prompts.token_ids, new_tokens, torch.device("cpu"))
+        model(input_ids=torch.tensor([prompts.token_ids[0][:8]], device=device))
+    gen = greedy_generate(model, prompts.token_ids, new_tokens, device)
     return {**_rates(gen), "generated": gen.generated}
 
 
 def bench_realrun(folder: Path, prompts: Prompts, new_tokens: int, policy: str, budget_bytes: int,
-                  cache: Path) -> dict:
-    model = load_model(folder, torch.device("cpu"))
+                  cache: Path, device: torch.device, store: str) -> dict:
+    model = load_model(folder, device, _dtype(device))
     pol = build_policy(policy)
     tag = "-".join(storage_precisions(pol))  # lod and lru share one store; fate has its own
     result, gen = run_offloaded(model, prompts, model_name=folder.name, policy=pol, memory_budget=budget_bytes,
-                                device=torch.device("cpu"), store="disk", max_new_tokens=new_tokens,
-                                store_path=cache / f"store-{folder.name}-{tag}.bin", optimize_quant=False)
+                                device=device, store=store, max_new_tokens=new_tokens,
+                                store_path=cache / f"store-{folder.name}{'-cuda' if device.type == 'cuda' else ''}-{tag}.bin",
+                                optimize_quant=False)
     keep = ("prefill_tokens_per_s", "decode_tokens_per_s", "hit_rate", "prefetch_precision", "prefetch_recall",
             "gpu_stall_s", "link_busy_fraction", "bytes_transferred", "profile")
     return {**{k: result[k] for k in keep}, "generated": gen.generated}
 
 
 def run_bench(*, num_layers: int, num_prompts: int, prompt_tokens: int, new_tokens: int, budget: str,
-              cache: Path, contenders: tuple[str, ...]) -> dict[str, Any]:
+              cache: Path, contenders: tuple[str, ...], device: str = "cpu", store: str = "disk",
+              model_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every contender on the same model, prompts and budget; returns the results with ratios to lod."""
+    dev = torch.device(device)
     torch.set_num_threads(1)
     cache.mkdir(parents=True, exist_ok=True)
-    folder = generate_model(cache / f"qwen-moe-shapes-L{num_layers}", num_layers)
+    name = f"qwen-moe-shapes-L{num_layers}" + ("-test" if model_overrides else "")
+    folder = generate_model(cache / name, num_layers, **(model_overrides or {}))
     spec = ModelSpec.from_config_file(folder)
     prompts = random_prompts(num_prompts, prompt_tokens, spec.vocab_size)
     budget_bytes = parse_budget(budget, spec, prompt_tokens + new_tokens)
@@ -142,11 +166,11 @@ def run_bench(*, num_layers: int, num_prompts: int, prompt_tokens: int, new_toke
     for name in contenders:
         start = time.perf_counter()
         if name in ("lod", "lru", "fate"):
-            results[name] = bench_realrun(folder, prompts, new_tokens, name, budget_bytes, cache)
-        elif name == "accelerate-disk":
-            results[name] = bench_accelerate(folder, prompts, new_tokens, budget_bytes, cache)
+            results[name] = bench_realrun(folder, prompts, new_tokens, name, budget_bytes, cache, dev, store)
+        elif name in ("accelerate-disk", "accelerate-cpu"):
+            results[name] = bench_accelerate(folder, prompts, new_tokens, budget_bytes, cache, dev)
         elif name == "in-ram":
-            results[name] = bench_in_ram(folder, prompts, new_tokens)
+            results[name] = bench_in_ram(folder, prompts, new_tokens, dev)
         else:
             raise click.BadParameter(f"unknown contender {name}")
         results[name]["wall_s"] = time.perf_counter() - start
@@ -157,7 +181,8 @@ def run_bench(*, num_layers: int, num_prompts: int, prompt_tokens: int, new_toke
             r["decode_vs_lod"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
     return {
         "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
-                    "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": 1},
+                    "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": 1, "device": device,
+                    "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None, "store": store},
         "model": {"folder": str(folder), "moe_layers": spec.num_moe_layers, "experts": spec.num_experts,
                   "top_k": spec.top_k, "hidden": spec.hidden_size, "expert_intermediate": spec.expert_intermediate_size,
                   "dtype": spec.dtype, "expert_bytes": {p: spec.expert_bytes(p) for p in ("bf16", "int4", "int2")}},
@@ -185,13 +210,19 @@ def format_table(report: dict[str, Any]) -> str:
 @click.option("--budget", default="25%", show_default=True, help="Fast-memory budget, as for `fatesim realrun`.")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_CACHE, show_default=True,
               help="Folder for the generated model, the expert stores and accelerate's offload files.")
-@click.option("--contenders", default="lod,lru,fate,accelerate-disk,in-ram", show_default=True)
+@click.option("--contenders", default=None,
+              help="Comma-separated [default: lod,lru,fate,accelerate-disk,in-ram; accelerate-cpu on cuda].")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--store", type=click.Choice(["disk", "ram"]), default="disk", show_default=True,
+              help="realrun's slow tier.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the JSON here.")
 def main(layers: int, num_prompts: int, prompt_tokens: int, new_tokens: int, budget: str, cache: Path,
-         contenders: str, out: Path | None) -> None:
-    """Benchmark realrun's lod/lru/fate against accelerate's disk offload on a Qwen-shaped model."""
+         contenders: str | None, device: str, store: str, out: Path | None) -> None:
+    """Benchmark realrun's lod/lru/fate against accelerate's offloading on a Qwen-shaped model."""
+    if contenders is None:
+        contenders = "lod,lru,fate," + ("accelerate-cpu" if device == "cuda" else "accelerate-disk") + ",in-ram"
     report = run_bench(num_layers=layers, num_prompts=num_prompts, prompt_tokens=prompt_tokens,
-                       new_tokens=new_tokens, budget=budget, cache=cache,
+                       new_tokens=new_tokens, budget=budget, cache=cache, device=device, store=store,
                        contenders=tuple(c.strip() for c in contenders.split(",") if c.strip()))
     click.echo(format_table(report))
     if out is not None:

@@ -103,15 +103,16 @@ def _tokenizer(folder: Path) -> Any:
         return None
 
 
-def load_model(folder: Path, device: torch.device) -> nn.Module:
-    """The model in a HF folder, in eval mode on `device`, with transformers' eager experts loop."""
+def load_model(folder: Path, device: torch.device, dtype: torch.dtype | str = "auto") -> nn.Module:
+    """The model in a HF folder, in eval mode on `device`, with transformers' eager experts loop; `dtype`
+    "auto" keeps the stored dtype."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     if not (folder / "config.json").exists():
         raise UserError(f"{folder} has no config.json; is it a Hugging Face model folder?")
     hf_logging.disable_progress_bar()  # our own tqdm bar reports progress
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", experts_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, experts_implementation="eager")
     return model.to(device).eval()
 
 

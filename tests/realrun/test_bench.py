@@ -26,3 +26,21 @@ def test_table_reports_ratios_to_lod() -> None:
                  "hit_rate": 0.6}}}
     table = format_table(report)
     assert "| fate | 6.00 | 2.500 | 3.00x | 5.00x | 0.600 |" in table
+
+
+def test_bench_runs_every_contender_on_a_small_model(tmp_path) -> None:
+    """The whole benchmark pipeline, on shrunken shapes: every contender generates the same tokens (lossless
+    ones) and reports rates and ratios."""
+    from realrun.bench import run_bench
+
+    small = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                 shared_expert_intermediate_size=128, num_attention_heads=4, num_key_value_heads=4, num_experts=8,
+                 num_experts_per_tok=2)
+    report = run_bench(num_layers=2, num_prompts=2, prompt_tokens=6, new_tokens=3, budget="40%", cache=tmp_path,
+                       contenders=("lod", "lru", "fate", "accelerate-disk", "in-ram"), model_overrides=small)
+    results = report["results"]
+    assert results["lod"]["decode_vs_lod"] == 1.0
+    assert results["lod"]["generated"] == results["lru"]["generated"] == results["in-ram"]["generated"]
+    assert results["accelerate-disk"]["generated"] == results["in-ram"]["generated"]
+    assert "disk" in results["accelerate-disk"]["placement"]
+    assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in results.values())
