@@ -33,8 +33,17 @@ _DTYPE_NAMES = {"torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch
                 "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
-def trace_model_config(model: Any, routers: list[tuple[int, Any]]) -> TraceModelConfig:
-    """The routing-relevant shape of a loaded model, read from its config and its router/expert modules."""
+def stored_dtype(folder: Path) -> str:
+    """The weight dtype named in the folder's config.json ("dtype", or v4's "torch_dtype"); float32 if absent."""
+    raw = json.loads((folder / "config.json").read_text())
+    return _DTYPE_NAMES.get(str(raw.get("dtype") or raw.get("torch_dtype") or "float32"), "float32")
+
+
+def trace_model_config(model: Any, routers: list[tuple[int, Any]], dtype: str) -> TraceModelConfig:
+    """The routing-relevant shape of a loaded model, read from its config and its router/expert modules.
+
+    `dtype` is the stored weight dtype (the loaded model may run in another one, e.g. float32 on CPU).
+    """
     config = model.config
     model_type = check_architecture(config)
     first_router = routers[0][1]
@@ -45,7 +54,6 @@ def trace_model_config(model: Any, routers: list[tuple[int, Any]]) -> TraceModel
     elif model_type in ("deepseek_v2", "deepseek_v3") and config.n_shared_experts:
         num_shared = int(config.n_shared_experts)
         shared_size = int(config.moe_intermediate_size) * num_shared
-    stored = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
     return TraceModelConfig(
         architecture=model_type,
         num_layers=int(config.num_hidden_layers),
@@ -56,7 +64,7 @@ def trace_model_config(model: Any, routers: list[tuple[int, Any]]) -> TraceModel
         hidden_size=int(config.hidden_size),
         expert_intermediate_size=int(first_moe.experts.intermediate_dim),
         shared_expert_intermediate_size=shared_size,
-        dtype=_DTYPE_NAMES.get(stored, "float32"),
+        dtype=dtype,
     )
 
 
@@ -115,7 +123,8 @@ def record_trace(model: str, prompts_path: Path, out: Path, *, max_new_tokens: i
     prompt_ids = _prompt_ids(tokenizer, prompts)
 
     capture = RouterCapture(hf_model)
-    cfg = trace_model_config(hf_model, capture.routers)
+    weights_dtype = stored_dtype(folder)
+    cfg = trace_model_config(hf_model, capture.routers, weights_dtype)
     num_moe = len(capture.routers)
     depth = lookahead
     cols: dict[str, list[np.ndarray]] = {name: [] for name in (
@@ -173,12 +182,14 @@ def record_trace(model: str, prompts_path: Path, out: Path, *, max_new_tokens: i
         "capture": "forward hooks on the router modules (routed ids/weights/logits as the model computed them)",
         "assumptions": ["prefill = one forward over the whole prompt; sequences run one at a time"],
     }
+    hf_config = json.loads(hf_model.config.to_json_string(use_diff=False))
+    hf_config["dtype"] = weights_dtype  # the stored dtype, not the one this run computed in
     trace = Trace(
         model=model, model_config=cfg, source=source, prompts=identity, created=utc_now_iso(),
         token_ids=cat("token_ids"), seq_ids=cat("seq_ids"), positions=cat("positions"),
         is_prefill=cat("is_prefill"), topk_ids=cat("topk_ids"), topk_weights=cat("topk_weights"),
         router_logits=cat("router_logits"), lookahead_logits=cat("lookahead_logits", axis=1),
-        gate_inputs=cat("gate_inputs"), hf_config=json.loads(hf_model.config.to_json_string(use_diff=False)),
+        gate_inputs=cat("gate_inputs"), hf_config=hf_config,
     )
     write_trace(trace, out)
     return trace

@@ -219,6 +219,7 @@ def test_trace_layout_and_header(recorded, prompt_file):
     assert cfg.num_layers == model.config.num_hidden_layers
     assert cfg.moe_layer_indices == tuple(i for i, _ in find_routers(model))
     assert cfg.num_experts == 8 and cfg.top_k == 2 and cfg.hidden_size == 16
+    assert cfg.dtype == "float32" and back.hf_config["dtype"] == "float32"   # as saved by _build
     if arch.startswith("deepseek"):
         assert cfg.moe_layer_indices[0] == 1 and cfg.num_shared_experts == 1
     assert back.num_sequences == len(PROMPTS)
@@ -229,6 +230,16 @@ def test_trace_layout_and_header(recorded, prompt_file):
     assert back.source["transformers"] == transformers.__version__
     assert back.hf_config["model_type"] == arch
     assert back.prompts == prompts_identity(prompt_file)
+
+
+def test_stored_dtype_not_compute_dtype(tmp_path):
+    """model_config.dtype is the dtype of the stored weights, though CPU recording computes in float32."""
+    from traces.recorder import stored_dtype
+
+    model = _build("mixtral", tmp_path / "m")
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert stored_dtype(tmp_path / "m") == "float32"
+    assert stored_dtype(tmp_path / "bf16") == "bfloat16"
 
 
 def test_unsupported_architecture_is_a_user_error(tmp_path, prompt_file):
