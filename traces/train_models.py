@@ -447,8 +447,8 @@ def train_one(recipe: ModelRecipe, tokenizer, train_stream: np.ndarray, held_str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m traces.train_models", description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=[*recipes(), "all"], default="all", help="which model (default: all)")
-    parser.add_argument("--minutes", type=float, default=16.0,
-                        help="wall-clock training time per model in minutes (default: 16)")
+    parser.add_argument("--minutes", type=float, default=18.0,
+                        help="wall-clock training time per model in minutes (default: 18)")
     parser.add_argument("--steps", type=int, default=None,
                         help="exact step count (overrides --minutes; for bit-reproducible retraining)")
     parser.add_argument("--threads", type=int, default=2,
