@@ -127,6 +127,8 @@ class OffloadEngine:
             arena = self._alloc(n * self.slot_stride)
             self.arenas.append(arena)
             self.slots.append([arena[i * self.slot_stride : (i + 1) * self.slot_stride] for i in range(n)])
+        self.arena_bytes = sum(a.numel() for a in self.arenas)
+        """Fast memory allocated for slots (slot stride x slots; the stride pads records for alignment)."""
         self.dequant = {p: Dequantizer(lay, device) for p, lay in layouts.items()
                         if lay.group_size and lay.packing == "hqq"}
         self.int4_mm = {p: Int4Matmuls(lay) for p, lay in layouts.items() if lay.packing == "tinygemm"}
@@ -186,11 +188,22 @@ class OffloadEngine:
             self.store.read_into(t.layer, t.expert, t.precision, dst)
 
     def close(self) -> None:
-        """Stop the I/O thread, remove hooks; re-raises a pending I/O error."""
+        """Stop the I/O thread, remove hooks, free fast memory; re-raises a pending I/O error.
+
+        Also cuts the model -> experts module -> engine reference cycle, so the slot arenas go back to the
+        system now rather than at some later garbage collection (a caller running many models in one
+        process would otherwise pile them up).
+        """
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        self.loader.close()
+        for _, block in self.blocks:
+            if isinstance(block.experts, OffloadedExperts):
+                block.experts._runner = None
+        try:
+            self.loader.close()
+        finally:
+            self.slots, self.arenas, self.dequant, self.int4_mm = [], [], {}, {}
 
     def __enter__(self) -> OffloadEngine:
         return self

@@ -41,7 +41,7 @@ class OffloadedExperts(nn.Module):
     """Routed experts of MoE layer `layer` whose weights live in the engine's slow tier and slots."""
 
     def __init__(self, layer: int, num_experts: int, act_fn: Callable[[torch.Tensor], torch.Tensor],
-                 runner: ExpertRunner) -> None:
+                 runner: ExpertRunner | None) -> None:
         super().__init__()
         self.layer = layer
         """Index of this layer among the MoE layers (the trace's L axis)."""
@@ -51,6 +51,8 @@ class OffloadedExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self._runner is None:
+            raise RuntimeError("this model's offloading engine was closed; load the model again to run it")
         return self._runner.run_experts(self.layer, hidden_states, top_k_index, top_k_weights, self.act_fn)
 
     def extra_repr(self) -> str:

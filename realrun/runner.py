@@ -154,8 +154,13 @@ def build_store(spec: ModelSpec, blocks: list[tuple[int, nn.Module]], precisions
     layouts = {p: expert_layout(spec, p, packing_for(spec, p, device)) for p in precisions}
     source = expert_source(blocks, layouts, optimize=optimize)
     if kind == "ram":
-        return RamStore(layouts, spec.num_moe_layers, spec.num_experts, source,
-                        pin_memory=device.type == "cuda"), layouts
+        def drop_weights(layer: int) -> None:  # the model's copy is not needed once the store holds it
+            experts = blocks[layer][1].experts
+            experts.gate_up_proj = nn.Parameter(experts.gate_up_proj.new_empty(0), requires_grad=False)
+            experts.down_proj = nn.Parameter(experts.down_proj.new_empty(0), requires_grad=False)
+
+        return RamStore(layouts, spec.num_moe_layers, spec.num_experts, source, pin_memory=device.type == "cuda",
+                        layer_done=drop_weights), layouts
     if kind != "disk":
         raise UserError(f"unknown store {kind!r}; choose disk or ram")
     fingerprint = weights_fingerprint(spec, blocks, [f"{p}:{lay.packing}" for p, lay in layouts.items()], optimize)

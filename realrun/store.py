@@ -45,7 +45,9 @@ def round_up(nbytes: int, unit: int = BLOCK_BYTES) -> int:
 
 def aligned_buffer(nbytes: int) -> torch.Tensor:
     """A page-aligned uint8 CPU tensor of `nbytes` bytes (anonymous mmap), usable as an O_DIRECT target."""
-    region = mmap.mmap(-1, max(nbytes, 1))
+    # private, not Python's default shared mapping: the pages count as the process's own memory (not
+    # shmem) and go back to the system as soon as the last tensor on them is freed
+    region = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     # torch.frombuffer keeps `region` alive through the tensor's storage.
     return torch.frombuffer(region, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
 
@@ -86,20 +88,22 @@ class RamStore(SlowStore):
 
     def __init__(
         self, layouts: dict[str, ExpertLayout], num_layers: int, num_experts: int, source: RecordSource,
-        *, pin_memory: bool = False,
+        *, pin_memory: bool = False, layer_done: Callable[[int], None] | None = None,
     ) -> None:
+        """`layer_done(l)` is called once every record of layer l is in (the caller may free its weights)."""
         self.layouts = dict(layouts)
         self.num_layers = num_layers
         self.num_experts = num_experts
         self.pinned = pin_memory
         """True when the records are page-locked (CUDA copies from them run asynchronously)."""
-        self._records: dict[str, torch.Tensor] = {}
-        for precision, layout in self.layouts.items():
-            block = torch.empty(num_layers, num_experts, layout.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
-            for layer in range(num_layers):
+        self._records = {p: torch.empty(num_layers, num_experts, lay.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
+                         for p, lay in self.layouts.items()}
+        for layer in range(num_layers):  # layer by layer, so the model's copy can shrink as the store grows
+            for precision, block in self._records.items():
                 for expert in range(num_experts):
                     block[layer, expert] = source(layer, expert, precision)
-            self._records[precision] = block
+            if layer_done is not None:
+                layer_done(layer)
 
     def read_into(self, layer: int, expert: int, precision: str, dst: torch.Tensor) -> int:
         layout = self._check(layer, expert, precision)
