@@ -181,3 +181,19 @@ def test_metrics_keys_timeline_and_trace_of_the_run(references, tmp_path: Path) 
                 ours = np.sort(trace.topk_ids[start:start + n, layer].astype(np.int64), axis=1)
                 assert np.array_equal(ours, np.sort(call.ids.numpy(), axis=1))
             start += n
+
+
+def test_engine_memory_is_freed_without_waiting_for_the_garbage_collector(references) -> None:
+    """After a run the engine (and with it the slot arenas) is freed by reference counting alone."""
+    import gc
+    import weakref
+
+    refs: list = []
+    gc.disable()
+    try:
+        run_offloaded(fresh(references, "qwen2_moe"), PROMPTS, model_name="tiny", policy=build_policy("lru"),
+                      memory_budget="50%", device=CPU, store="ram", max_new_tokens=2,
+                      engine_hook=lambda engine: refs.append(weakref.ref(engine)), profile="rtx3090-pcie3")
+        assert refs[0]() is None
+    finally:
+        gc.enable()
