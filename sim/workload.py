@@ -53,6 +53,10 @@ class Workload:
     future: FutureAccess
     max_context: int
     """Longest sequence (KV-cache tokens the budget must hold)."""
+    decode_ids: np.ndarray | None = None
+    """[T, L, k] int64 routed experts of each position, ascending: where a decode token's k experts are
+    distinct (always, for real routers) its routes are this row, so the engine converts a whole step to
+    Python lists with one `tolist()` instead of one per layer."""
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -108,4 +112,4 @@ def build_workload(trace) -> Workload:
         rank = (order.astype(np.int16), np.take_along_axis(probs, order, axis=-1))
     future = FutureAccess([s.routes for s in steps], num_layers)
     return Workload(tuple(steps), num_layers, num_experts, int(topk.shape[2]), popularity, probs, rank, future,
-                    max_context)
+                    max_context, decode_sorted)

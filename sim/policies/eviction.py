@@ -77,6 +77,12 @@ class LRU:
     def on_access(self, expert: int, step: int) -> None:
         self.order.move_to_end(expert)
 
+    def on_access_many(self, experts: list[int], step: int) -> None:
+        """`on_access` of each of `experts`, in order (one call per layer step)."""
+        move = self.order.move_to_end
+        for expert in experts:
+            move(expert)
+
     def on_remove(self, expert: int) -> None:
         self.order.pop(expert, None)
 
@@ -108,6 +114,11 @@ class LFU:
         self._tick += 1
         self.count[expert] += 1
         self.last[expert] = self._tick
+
+    def on_access_many(self, experts: list[int], step: int) -> None:
+        """`on_access` of each of `experts`, in order (one call per layer step)."""
+        for expert in experts:
+            self.on_access(expert, step)
 
     def on_remove(self, expert: int) -> None:
         self.count.pop(expert, None)
@@ -168,6 +179,15 @@ class ARC:
         self.t2[expert] = None
         self.t2.move_to_end(expert)
 
+    def on_access_many(self, experts: list[int], step: int) -> None:
+        """`on_access` of each of `experts`, in order (one call per layer step)."""
+        t1_pop, t2 = self.t1.pop, self.t2  # hoisted: ~4 lookups fewer per hit
+        move = t2.move_to_end
+        for expert in experts:
+            t1_pop(expert, None)
+            t2[expert] = None
+            move(expert)
+
     def on_remove(self, expert: int) -> None:
         """An evicted expert leaves a ghost in B1 (from T1) or B2 (from T2)."""
         if expert in self.t1:
@@ -197,6 +217,10 @@ class Belady:
     def on_access(self, expert: int, step: int) -> None:
         pass
 
+    def on_access_many(self, experts: list[int], step: int) -> None:
+        """`on_access` of each of `experts`, in order (one call per layer step)."""
+        pass
+
     def on_remove(self, expert: int) -> None:
         pass
 
@@ -217,6 +241,10 @@ class NoReuse:
         pass
 
     def on_access(self, expert: int, step: int) -> None:
+        pass
+
+    def on_access_many(self, experts: list[int], step: int) -> None:
+        """`on_access` of each of `experts`, in order (one call per layer step)."""
         pass
 
     def on_remove(self, expert: int) -> None:

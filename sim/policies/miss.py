@@ -13,14 +13,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 MISSES = ("wait", "cpu", "speculated", "lowbit")
 """Valid miss policy names."""
 
 
-@dataclass(frozen=True)
-class MissPlan:
-    """How one layer step's misses are served."""
+class MissPlan(NamedTuple):
+    """How one layer step's misses are served (a tuple: built on every layer step with a miss)."""
 
     load: list[int]
     """Misses to load on demand."""

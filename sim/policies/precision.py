@@ -32,6 +32,14 @@ class PrecisionPolicy:
         """Precisions this policy can produce."""
         return ("int4", "int2") if self.name == "fate-hybrid" else (self.name,)
 
+    def uniform(self, phase: str) -> str | None:
+        """The one precision every expert of a `phase` step gets, or None when it depends on the experts."""
+        if self.name != "fate-hybrid":
+            return self.name
+        if phase != "prefill" or self.int2_rate <= 0.0:
+            return "int4"
+        return None
+
     def assign(self, phase: str, experts: list[int], token_counts: list[float]) -> list[str]:
         """Precision of each expert, given how many tokens (or predicted tokens) each serves."""
         if self.name != "fate-hybrid":

@@ -110,13 +110,8 @@ class LookaheadPredictor:
         if rank is not None and signals.num_tokens == 1:
             ids, values = rank  # [D][m], [D][m]
             limit = self.limit if self.name == "crosslayer" else self.top_k
-            out = []
-            for d in range(min(self.depth, len(ids))):
-                target = layer + d + 1
-                if target >= self.num_layers:
-                    break
-                out.append(Prediction(target, tuple(ids[d][:limit]), tuple(values[d][:limit])))
-            return out
+            ahead = min(self.depth, len(ids), self.num_layers - 1 - layer)
+            return [Prediction(layer + d + 1, tuple(ids[d][:limit]), tuple(values[d][:limit])) for d in range(ahead)]
         probs = signals.lookahead_probs  # [D, n, E]
         if probs is None:
             raise UserError(f"predictor {self.name!r} needs look-ahead logits; record the trace with them "

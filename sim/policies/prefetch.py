@@ -18,6 +18,7 @@ a layer's prefetches at its free-able slots. On-demand loads always go before pr
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sim.policies.prediction import Prediction
@@ -40,22 +41,27 @@ class PrefetchPolicy:
 
     def select(self, predictions: list[Prediction], phase: str) -> list[tuple[int, int, float]]:
         """(layer, expert, score) to prefetch, in issue order (nearest layer first, best first)."""
-        if self.name == "none":
-            return []
         out: list[tuple[int, int, float]] = []
         for layer, experts, scores in predictions:
-            if self.name == "topk":
-                count = self.prefetch_count
-            elif self.name == "fate" and phase == "decode":
-                count = self.fate_decode_count
-                if self.confidence > 0.0:
-                    keep = [i for i, s in enumerate(scores) if s >= self.confidence][:count]
-                    out.extend((layer, experts[i], scores[i]) for i in keep)
-                    continue
-            else:
-                count = len(experts)
-            out.extend(zip([layer] * min(count, len(experts)), experts[:count], scores[:count], strict=True))
+            experts, scores = self.select_layer(experts, scores, phase)
+            out.extend((layer, e, s) for e, s in zip(experts, scores, strict=True))
         return out
+
+    def select_layer(self, experts: Sequence[int], scores: Sequence[float],
+                     phase: str) -> tuple[Sequence[int], Sequence[float]]:
+        """The experts (and scores) to prefetch of one layer's prediction, best first."""
+        if self.name == "none":
+            return (), ()
+        if self.name == "topk":
+            count = self.prefetch_count
+        elif self.name == "fate" and phase == "decode":
+            count = self.fate_decode_count
+            if self.confidence > 0.0:
+                keep = [i for i, s in enumerate(scores) if s >= self.confidence][:count]
+                return [experts[i] for i in keep], [scores[i] for i in keep]
+        else:
+            count = len(experts)
+        return experts[:count], scores[:count]
 
 
 def fate_decode_count(decode_layer_s: float, int4_transfer_s: float) -> int:
