@@ -1,13 +1,14 @@
-"""One realrun: load a model, build its slow tier, run prompts greedily under a policy, measure.
+"""The pieces of one realrun: the greedy loop, the slow tier's construction, the budget arithmetic.
 
-`run_realrun(...)` is the library function behind `fatesim realrun`; `greedy_generate` is the one decode
-loop, used for the offloaded model and (in tests and the benchmark) for the plain transformers model, so
-both are timed and compared the same way. Each prompt runs as its own sequence: one prefill forward of
-all its tokens, then one forward per generated token (greedy, KV cache), as the simulator replays it.
+`greedy_generate` is the one decode loop, used for the offloaded model and (in tests and the benchmark)
+for the plain transformers model, so both are timed and compared the same way. Each prompt runs as its
+own sequence: one prefill forward of all its tokens, then one forward per generated token (greedy, KV
+cache), as the simulator replays it. `realrun.session.run_offloaded` puts the pieces together.
 
 Clocks: `time.perf_counter` around each forward, after `torch.cuda.synchronize()` on CUDA (gpt-fast's
-`device_sync` before every clock read). The first prompt's prefill is preceded by one untimed warm-up
-forward of that prompt on the plain model path (allocator, kernels, thread pools), as gpt-fast does.
+`device_sync` before every clock read). `run_offloaded` precedes the timed run with one untimed warm-up
+forward (the first 8 tokens of the first prompt, on the model before offloading: allocator, kernels,
+thread pools), as gpt-fast does.
 """
 
 from __future__ import annotations
