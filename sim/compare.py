@@ -14,16 +14,33 @@ from typing import Any
 
 import click
 
+from sim.policies.presets import parse_overrides
 from sim.replay import load, replay_many
 from traces.errors import UserError
 
 
+def parse_policy_entry(entry: str) -> tuple[str, dict[str, str]]:
+    """`"oracle:precision=fate-hybrid:eviction=lru"` -> ("oracle", {"precision": "fate-hybrid", ...})."""
+    name, *settings = entry.split(":")
+    return name.strip(), parse_overrides(settings)
+
+
 def compare(trace: Any, policies: list[str], *, hw: str = "rtx3090-pcie3", memory_budget: str = "25%",
             as_model: str | None = None) -> list[dict[str, Any]]:
-    """The metrics of `trace` under each of `policies` (same hardware, budget and shapes)."""
+    """The metrics of `trace` under each of `policies` (same hardware, budget and shapes).
+
+    Each entry is a preset name, optionally followed by `:key=value` overrides as `--set` takes them;
+    the result's `policy` is the entry as written, so the table tells the variants apart.
+    """
     loaded = load(trace)
-    return replay_many(loaded, [dict(policy=p, hw=hw, memory_budget=memory_budget, as_model=as_model)
-                                for p in policies])
+    configs = []
+    for entry in policies:
+        name, overrides = parse_policy_entry(entry)
+        configs.append(dict(policy=name, overrides=overrides, hw=hw, memory_budget=memory_budget, as_model=as_model))
+    results = replay_many(loaded, configs)
+    for entry, result in zip(policies, results, strict=True):
+        result["policy"] = entry
+    return results
 
 
 def format_comparison(results: list[dict[str, Any]]) -> str:
@@ -49,7 +66,7 @@ def format_comparison(results: list[dict[str, Any]]) -> str:
 @click.command()
 @click.option("--trace", "trace_path", required=True, type=click.Path(dir_okay=False), help="Trace file.")
 @click.option("--policies", default="lod,lru,eap,fate,oracle", show_default=True,
-              help="Comma-separated presets; speedups are over the first.")
+              help="Comma-separated presets, each optionally with :key=value overrides; speedups are over the first.")
 @click.option("--hw", default="rtx3090-pcie3", show_default=True, help="Hardware profile name or .toml path.")
 @click.option("--memory-budget", default="25%", show_default=True, help="Total fast memory (6GiB, 512MB or 25%).")
 @click.option("--as-model", default=None, help="Replay with this model's shapes (same layers, experts, top-k).")
