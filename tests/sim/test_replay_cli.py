@@ -99,3 +99,13 @@ def test_compare_refuses_unknown_policy_with_exit_2(trace_file, capsys) -> None:
         main(["compare", "--trace", str(trace_file), "--policies", "lod,nope"])
     assert exit_.value.code == 2
     assert "unknown policy 'nope'" in capsys.readouterr().err
+
+
+def test_compare_entries_take_overrides_and_keep_their_label(trace_file) -> None:
+    """`oracle:precision=int4` is the oracle moving int4 bytes: a row of its own, fewer bytes than bf16."""
+    from sim.compare import compare
+
+    bf16, int4 = compare(str(trace_file), ["oracle", "oracle:precision=int4"], memory_budget="25%")
+    assert (bf16["policy"], int4["policy"]) == ("oracle", "oracle:precision=int4")
+    assert int4["policy_components"]["precision"] == "int4"
+    assert int4["bytes_transferred"]["total"] < bf16["bytes_transferred"]["total"]
