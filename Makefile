@@ -29,7 +29,7 @@ lint: $(STAMP)
 
 $(TRACES)/%.safetensors: $(STAMP) $(PROMPTS) traces/models/%/model.safetensors
 	mkdir -p $(TRACES)
-	$(FATESIM) trace record --model $* --prompts $(PROMPTS) --out $@ --max-new-tokens $(MAX_NEW_TOKENS) --lookahead 2
+	OMP_NUM_THREADS=1 $(FATESIM) trace record --model $* --prompts $(PROMPTS) --out $@ --max-new-tokens $(MAX_NEW_TOKENS) --lookahead 2
 
 trace: $(TRACES)/mini-qwen-moe.safetensors $(TRACES)/mini-deepseek-moe.safetensors
 
@@ -38,13 +38,13 @@ trace: $(TRACES)/mini-qwen-moe.safetensors $(TRACES)/mini-deepseek-moe.safetenso
 demo: $(TRACES)/mini-qwen-moe.safetensors
 	$(FATESIM) trace info $<
 	$(FATESIM) compare --trace $< --as-model qwen1.5-moe-a2.7b --hw rtx3090-pcie3 --memory-budget 25% \
-		--policies lod,lru,eap,fate,oracle
+		--policies lod,lru,eap,fate,oracle,oracle:precision=fate-hybrid
 
 bench: $(STAMP)
 	$(BIN)/python -m sim.bench
 
 models: $(STAMP)
-	$(BIN)/python -m traces.train_models --model all
+	$(BIN)/python -m traces.train_models --model all --threads 1
 
 clean:
 	rm -rf $(TRACES) .pytest_cache .ruff_cache
