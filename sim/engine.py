@@ -23,7 +23,7 @@ form. Tests check that both give identical results.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import simpy
@@ -52,16 +52,47 @@ class EngineResult:
     link_spans: list[tuple[int, float, float, Transfer]] = field(default_factory=list)
 
 
+class _ExpertTimes(dict):
+    """precision -> {tokens: GPU seconds of one expert}, filled from `CostModel.expert_s` on first use.
+
+    Speed: two C-level dict lookups per computed expert instead of an lru_cache call with a tuple key
+    (~4 per layer step)."""
+
+    def __init__(self, expert_s: Callable[[int, str], float]) -> None:
+        super().__init__()
+        self.expert_s = expert_s
+
+    def __missing__(self, precision: str) -> dict[int, float]:
+        self[precision] = table = _TimesByTokens(self.expert_s, precision)
+        return table
+
+
+class _TimesByTokens(dict):
+    """tokens -> GPU seconds of one expert stored in `precision` (one row of `_ExpertTimes`)."""
+
+    def __init__(self, expert_s: Callable[[int, str], float], precision: str) -> None:
+        super().__init__()
+        self.expert_s, self.precision = expert_s, precision
+
+    def __missing__(self, tokens: int) -> float:
+        self[tokens] = s = self.expert_s(tokens, self.precision)
+        return s
+
+
 class Engine:
     """Replays a workload through a controller on a cost model."""
 
     def __init__(self, workload: Workload, ctl: OffloadController, costs: CostModel, *, record: bool = False,
-                 presorted: bool = True) -> None:
+                 presorted: bool = True, reference: bool = False) -> None:
         self.workload = workload
         self.ctl = ctl
         self.costs = costs
         self.record = record
         """Keep per-span records for a timeline (slower)."""
+        self.reference = reference
+        """Take none of the speed paths (pre-sorted rankings, whole-step list conversion, inline predictor
+        thread): the plain reference the tests compare the fast loop with."""
+        presorted = presorted and not reference
         hw = costs.hw
         self.link = Link(hw.link.copy_engines, costs.transfer_s, ctl.on_transfer_started, ctl.on_transfer_done,
                          record=record)
@@ -98,13 +129,15 @@ class Engine:
             self.link.submit(t, done, PREFETCH)
 
     # --- per-step inputs -----------------------------------------------------------------------------
-    def _step_routes(self, step: Step) -> tuple[list[list[int]], list[list[int]]]:
+    def _step_routes(self, step: Step) -> tuple[list, list]:
         """(expert ids [L][m], token counts [L][m]) of `step` as Python lists.
 
         Speed: the controller works on lists; a decode step whose k experts are distinct in every layer
         (always, for real routers) is one row of `decode_ids`, converted with a single `tolist()` (~24x
         fewer numpy calls than one per layer)."""
         routes = step.routes
+        if self.reference:  # numpy arrays, as realrun passes them: the controller converts each layer
+            return [ids for ids, _ in routes], [counts for _, counts in routes]
         decode_ids = self.workload.decode_ids
         if step.num_tokens == 1 and decode_ids is not None:
             k = self._ones.__len__()
@@ -131,9 +164,12 @@ class Engine:
         predicts = self.predicts
         signals = Signals(0, "decode", 1)  # refilled per layer; predictors do not keep it
         # Speed: bound methods and costs hoisted out of the per-layer loop (each lookup ~50 ns, ~20 per layer).
-        expert_s, cpu_expert_s = costs.expert_s, costs.cpu_expert_s
+        expert_s, cpu_expert_s = _ExpertTimes(costs.expert_s), costs.cpu_expert_s
+        self._expert_times = expert_s
         on_gate_input, on_route, post = ctl.on_gate_input, ctl.on_route, self._post_prefetches
         router_s = costs.hw.gpu.kernel_launch_s
+        closed_form = post == self._post_closed_form and not self.reference
+        predictor_latency_s = self.predictor_latency_s
         step_start_at, step_end_at = self.step_start_at, self.step_end_at
         now = 0.0
         for step in self.workload.steps:
@@ -163,7 +199,14 @@ class Engine:
                         signals.lookahead_rank = (step_ids[layer], step_probs[layer])
                     elif probs is not None:
                         signals.lookahead_probs = probs[:, t0:t0 + n, layer, :]
-                    post(now, on_gate_input(layer, signals))
+                    prefetches = on_gate_input(layer, signals)
+                    if closed_form:  # the CPU predictor thread in closed form, inline (one call fewer per layer)
+                        start = self.cpu_free_at if self.cpu_free_at >= now else now
+                        self.cpu_free_at = done = start + predictor_latency_s
+                        if prefetches or record:
+                            self._submit_prefetches(start, done, prefetches)
+                    else:
+                        post(now, prefetches)
                 now += router_s
                 yield now
                 if link.queue or link.in_flight:
@@ -180,13 +223,13 @@ class Engine:
                     self.cpu_expert_free_at = cpu_done = start + cpu_expert_s(tokens)
                     if record:
                         self.cpu_spans.append((f"cpu expert {expert}", start, cpu_done, {"layer": layer}))
-                if plan.loads:
+                if plan.loads or self.reference:
                     now = yield from self._compute_with_loads(plan, layer, route_at, now)
                 else:  # every expert resident or in flight: no load to post between computes
                     for expert, tokens, precision, t in plan.gpu_work:
                         if t is not None and t.state != "done":
                             now = yield from self._wait_for(t, now, layer, expert)
-                        done = now + expert_s(tokens, precision)
+                        done = now + expert_s[precision][tokens]
                         if record:
                             self.gpu_spans.append((f"expert {expert}", now, done,
                                                    {"layer": layer, "tokens": tokens, "precision": precision}))
@@ -217,7 +260,7 @@ class Engine:
     def _compute_with_loads(self, plan: LayerPlan, layer: int, route_at: float, now: float) -> Iterator[float]:
         """The GPU work of a layer step with on-demand loads, posting each load once its slot's previous
         occupant has computed (loads go out in plan order); returns the new now."""
-        link, expert_s, record = self.link, self.costs.expert_s, self.record
+        link, expert_s, record = self.link, self._expert_times, self.record
         loads, posted, ready = plan.loads, 0, route_at
         compute_end: dict[int, float] = {}
         for expert, tokens, precision, t in plan.gpu_work:
@@ -233,7 +276,7 @@ class Engine:
                 posted += 1
             if t is not None and t.state != "done":
                 now = yield from self._wait_for(t, now, layer, expert)
-            done = now + expert_s(tokens, precision)
+            done = now + expert_s[precision][tokens]
             if record:
                 self.gpu_spans.append((f"expert {expert}", now, done,
                                        {"layer": layer, "tokens": tokens, "precision": precision}))
