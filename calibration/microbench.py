@@ -14,7 +14,8 @@ Benchmarks, by `Point.kind`:
 - `mlp`: the shared experts of one layer (a SwiGLU of the shared intermediate size) on `x` tokens.
 - `attention`: one layer's attention (projections + SDPA over a KV cache) for `x` new tokens
   attending to `context` positions.
-- `dequant_<precision>`: unpacking one expert from `<precision>` into the model's dtype; `nbytes` is the
+- `dequant_<precision>`: the extra time of one 1-token expert stored in `<precision>` over the unquantised
+  one, on realrun's own path (HQQ unpacking, or CPU int4 matmuls from the packed record); `nbytes` is the
   unquantised expert size `spec.expert_bytes("bf16")`, what `sim.costs` divides by the profile's rate.
 - `layer`: the fixed per-layer work of one decode token: two RMSNorms, two residual adds, the router's
   softmax and top-k (the router matmul is a roofline op of its own in `sim.costs`).
@@ -371,20 +372,51 @@ def bench_predictor(plan: BenchPlan, spec: ModelSpec) -> Point:
 # --- dequantisation -------------------------------------------------------------------------------
 
 def bench_dequant(plan: BenchPlan, spec: ModelSpec, precision: str) -> Point:
-    """Unpack one routed expert from `precision` with realrun's own codec (no second quantiser)."""
-    from realrun.quant import Dequantizer, expert_layout, pack_expert
+    """What running one routed expert stored in `precision` costs beyond the unquantised expert, on
+    realrun's own path (no second quantiser): HQQ records are unpacked by `Dequantizer.unpack_into` and then
+    multiplied; int4 on a CPU is multiplied straight from the packed record (`Int4Matmuls`, packing
+    "tinygemm"). The point's seconds are (quantised expert at 1 token) - (unquantised expert at 1 token),
+    floored at 1 µs: `sim.costs` adds exactly that as dequantisation time to the unquantised expert's time.
+    """
+    from realrun.quant import Dequantizer, Int4Matmuls, expert_layout, pack_expert
+    from realrun.runner import packing_for
 
     gen = torch.Generator().manual_seed(7)
-    layout = expert_layout(spec, precision)
+    packing = packing_for(spec, precision, torch.device(plan.device))
+    layout = expert_layout(spec, precision, packing)
+    dense = expert_layout(spec, "bf16")
     h, i = spec.hidden_size, spec.expert_intermediate_size
-    weights = {"gate": _weights(i, h, torch.float32, "cpu", gen), "up": _weights(i, h, torch.float32, "cpu", gen),
-               "down": _weights(h, i, torch.float32, "cpu", gen)}
-    record = pack_expert(weights, layout, optimize=False).to(plan.device)  # codes only: quality is irrelevant
-    dequantizer = Dequantizer(layout, device=plan.device)
-    median, samples = time_op(lambda: dequantizer.unpack_into(record), repeats=plan.repeats,
-                              min_seconds=plan.min_seconds, device=plan.device)
-    out_bytes = spec.expert_bytes("bf16")  # unquantised output bytes: what sim.costs divides by the rate
-    return Point(f"dequant_{precision}", out_bytes, 0.0, out_bytes, median, samples)
+    copies = _copies(plan, dense.nbytes)
+    records, dense_records = [], []
+    for _ in range(copies):
+        weights = {"gate": _weights(i, h, torch.float32, "cpu", gen), "up": _weights(i, h, torch.float32, "cpu", gen),
+                   "down": _weights(h, i, torch.float32, "cpu", gen)}
+        records.append(pack_expert(weights, layout, optimize=False).to(plan.device))  # quality is irrelevant
+        dense_records.append(pack_expert(weights, dense).to(plan.device))
+    x = torch.randn(1, h, generator=gen).to(layout.dtype).to(plan.device)
+    turn = itertools.count()
+    if packing == "tinygemm":
+        matmuls = Int4Matmuls(layout)
+
+        def quantised() -> torch.Tensor:
+            return matmuls.forward(records[next(turn) % copies], x, F.silu)
+    else:
+        dequantizer = Dequantizer(layout, device=plan.device)
+
+        def quantised() -> torch.Tensor:
+            gate_up, down = dequantizer.unpack_into(records[next(turn) % copies])
+            return _swiglu(x, gate_up, down)
+
+    from realrun.quant import raw_views
+
+    def unquantised() -> torch.Tensor:
+        return _swiglu(x, *raw_views(dense_records[next(turn) % copies], dense))
+
+    q_s, q_samples = time_op(quantised, repeats=plan.repeats, min_seconds=plan.min_seconds, device=plan.device)
+    d_s, _ = time_op(unquantised, repeats=plan.repeats, min_seconds=plan.min_seconds, device=plan.device)
+    out_bytes = spec.expert_bytes("bf16")  # unquantised expert bytes: what sim.costs divides by the rate
+    extra = tuple(max(1e-6, s - d_s) for s in q_samples)
+    return Point(f"dequant_{precision}", out_bytes, 0.0, out_bytes, max(1e-6, q_s - d_s), extra)
 
 
 def count_steps(plan: BenchPlan) -> int:
