@@ -156,9 +156,13 @@ class Engine:
         return (ids[:, t, :, :m].transpose(1, 0, 2).tolist(), probs[:, t, :, :m].transpose(1, 0, 2).tolist())
 
     # --- the GPU stream ------------------------------------------------------------------------------
-    def gpu_stream(self) -> Iterator[float]:
-        """Replay every step; yields each instant the stream waits until (for the SimPy driver)."""
+    def gpu_stream(self, sync: bool = True) -> Iterator[float]:
+        """Replay every step; with `sync`, yields each instant the stream waits until (for the SimPy driver).
+
+        Speed: the plain loop passes sync=False, as it does nothing at those instants; skipping the four
+        suspensions per layer step saves ~1 µs of ~15 without changing any result."""
         ctl, link, costs, record = self.ctl, self.link, self.costs, self.record
+        self._sync = sync
         probs = self.workload.lookahead_probs
         rank = self.rank
         predicts = self.predicts
@@ -191,7 +195,8 @@ class Engine:
                 if record:
                     self.gpu_spans.append(("attention", now, gate_at, {"layer": layer, "step": step.index}))
                 now = gate_at
-                yield now
+                if sync:
+                    yield now
                 if link.queue or link.in_flight:
                     link.advance(now)
                 if predicts:
@@ -208,7 +213,8 @@ class Engine:
                     else:
                         post(now, prefetches)
                 now += router_s
-                yield now
+                if sync:
+                    yield now
                 if link.queue or link.in_flight:
                     link.advance(now)
                 route_at = now
@@ -243,7 +249,8 @@ class Engine:
                     if record:
                         self.gpu_spans.append(("shared experts", now, now + shared_s, {"layer": layer}))
                     now += shared_s
-                yield now
+                if sync:
+                    yield now
             step_end_at.append(now)
 
     def _wait_for(self, t: Transfer, now: float, layer: int, expert: int) -> Iterator[float]:
@@ -254,7 +261,8 @@ class Engine:
                 self.gpu_spans.append(("stall", now, arrive, {"layer": layer, "expert": expert}))
             self.stall_s += arrive - now
             now = arrive
-            yield now
+            if self._sync:
+                yield now
         return now
 
     def _compute_with_loads(self, plan: LayerPlan, layer: int, route_at: float, now: float) -> Iterator[float]:
@@ -288,7 +296,7 @@ class Engine:
     def run(self, mode: str = "loop") -> EngineResult:
         """Replay the whole workload; `mode` "loop" (plain loop) or "simpy" (SimPy processes)."""
         if mode == "loop":
-            for _ in self.gpu_stream():
+            for _ in self.gpu_stream(sync=False):
                 pass
         elif mode == "simpy":
             self._run_simpy()

@@ -87,6 +87,22 @@ class Link:
         else:
             start = min(free_at)
             engine = free_at.index(start)
+        if len(queue) == 1:  # the usual case: one transfer waiting; it starts when both it and the engine are
+            best = queue[0]
+            if best[1] > start:
+                start = best[1]
+        else:
+            best = self._pick(queue, start)
+            if best[1] > start:
+                start = best[1]
+        if start >= until:
+            return False
+        return self._start(best, engine, start)
+
+    @staticmethod
+    def _pick(queue: list[list], start: float) -> list:
+        """The entry to start when an engine frees at `start`: the best (priority, ready_at, seq) among those
+        ready by then, else the best among those ready at the earliest ready time."""
         best = None
         earliest = None
         for entry in queue:  # best = min (priority, ready_at, seq) among entries ready by `start`
@@ -97,20 +113,21 @@ class Link:
             elif earliest is None or ready < earliest:
                 earliest = ready
         if best is None:  # nothing ready yet: the engine idles until the earliest ready time
-            start = earliest
             for entry in queue:
-                if entry[1] <= start and (best is None or entry < best):
+                if entry[1] <= earliest and (best is None or entry < best):
                     best = entry
-        if start >= until:
-            return False
-        queue.remove(best)
+        return best
+
+    def _start(self, best: list, engine: int, start: float) -> bool:
+        """Start queue entry `best` on `engine` at `start`."""
+        self.queue.remove(best)
         t = best[3]
         del self.entry[id(t)]
         if self.promoted:
             self.promoted.discard(id(t))
         duration = self.duration_s(t.nbytes)
         end = start + duration
-        free_at[engine] = end
+        self.free_at[engine] = end
         self.busy_s += duration
         t.start_at, t.end_at = start, end
         self.started.append(t)
