@@ -95,6 +95,9 @@ def fit_roofline(flops: Sequence[float], nbytes: Sequence[float], seconds: Seque
     _check("compute", f, b, t)
     if np.any(f <= 0) or np.any(b <= 0):
         raise UserError("compute measurements need positive FLOPs and bytes")
+    # A launch is a fixed dispatch cost: at most half the fastest operation. Without the bound, noisy
+    # small-batch points let one large "launch" absorb the memory roof (a flat, meaningless fit).
+    launch_max = 0.5 * float(np.min(t))
     order = np.argsort(f / b)  # by arithmetic intensity: memory-bound first
     f, b, t = f[order], b[order], t[order]
     n = len(t)
@@ -106,7 +109,7 @@ def fit_roofline(flops: Sequence[float], nbytes: Sequence[float], seconds: Seque
         design[split:, 1] = f[split:]
         design[:split, 2] = b[:split]
         design /= t[:, None]
-        sol = lsq_linear(design, np.ones(n), bounds=([0.0, 0.0, 0.0], [np.inf, np.inf, np.inf]), method="bvls")
+        sol = lsq_linear(design, np.ones(n), bounds=([0.0, 0.0, 0.0], [launch_max, np.inf, np.inf]), method="bvls")
         launch, u, v = sol.x
         u, v = _fill_unconstrained(u, v, launch, f, b, t)
         model = launch + np.maximum(f * u, b * v)
@@ -114,16 +117,20 @@ def fit_roofline(flops: Sequence[float], nbytes: Sequence[float], seconds: Seque
         if best is None or cost < best[0] - 1e-15:
             best = (cost, np.array([launch, u, v]))
     assert best is not None
-    launch, u, v = _log_polish(lambda p: p[0] + np.maximum(f * p[1], b * p[2]), best[1], t)
+    launch, u, v = _log_polish(lambda p: p[0] + np.maximum(f * p[1], b * p[2]), best[1], t,
+                               upper=np.array([launch_max, np.inf, np.inf]))
     fit = RooflineFit(matmul_flops_per_s=float(1.0 / u), memory_bytes_per_s=float(1.0 / v),
                       kernel_launch_s=float(launch), rel_rms_error=0.0)
     return RooflineFit(fit.matmul_flops_per_s, fit.memory_bytes_per_s, fit.kernel_launch_s,
                        _rel_rms(fit.predict_s(f, b), t))
 
 
-def _log_polish(model: Callable[[np.ndarray], np.ndarray], start: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """Refine non-negative parameters `start` on soft-L1 log residuals; keep `start` if that is not better."""
+def _log_polish(model: Callable[[np.ndarray], np.ndarray], start: np.ndarray, t: np.ndarray,
+                upper: np.ndarray | None = None) -> np.ndarray:
+    """Refine non-negative parameters `start` (at most `upper`) on soft-L1 log residuals; keep `start` if
+    that is not better."""
     scale = np.where(start > 0, start, 1.0)  # optimise in units of the start values: well conditioned
+    high = np.full(len(start), np.inf) if upper is None else np.maximum(upper / scale, 1e-6)
 
     def residual(q: np.ndarray) -> np.ndarray:
         return np.log(np.maximum(model(q * scale), 1e-300)) - np.log(t)
@@ -135,7 +142,7 @@ def _log_polish(model: Callable[[np.ndarray], np.ndarray], start: np.ndarray, t:
     q0 = np.where(start > 0, 1.0, 0.0)
     lower = np.where(start > 0, 1e-6, 0.0)
     try:
-        solved = least_squares(residual, np.maximum(q0, lower), bounds=(lower, np.inf), loss="soft_l1",
+        solved = least_squares(residual, np.clip(q0, lower, high), bounds=(lower, high), loss="soft_l1",
                                f_scale=_LOG_SCALE, x_scale=1.0, xtol=1e-12, ftol=1e-12, gtol=1e-12)
     except ValueError:
         return start
