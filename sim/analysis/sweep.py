@@ -14,7 +14,8 @@ estimator = ["est.safetensors"]            # learned-predictor weights (`fatesim
 int2_rate = [0.3, 0.5]
 ```
 
-Each configuration gets a hash (sha256 of its JSON with the trace's content hash); a finished one is
+Each configuration gets a hash (sha256 of its JSON with the trace's content hash and a fingerprint of the
+simulator's source code, so results of an older simulator are not reused); a finished one is
 stored as `<cache>/<hash>.json` at once, so a re-run — or a run after an interruption — computes only what
 is new. A configuration that raises is reported (status "error", the one-line reason) and the others go
 on. Work runs in local processes (`workers`), or as Ray tasks on a cluster (`ray_address`).
@@ -328,6 +329,20 @@ def _execute(todo: list[tuple[int, SweepConfig]], trace_path: str, trace_hash: s
         bar.close()
 
 
+def code_fingerprint() -> str:
+    """sha256 (16 hex chars) of the simulator's source (sim/ and sim/policies/ .py files, shipped profiles,
+    traces/format.py; not sim/analysis/): a cached result is reused only by the code that computed it."""
+    root = Path(__file__).resolve().parents[2]
+    files = sorted(p for p in (root / "sim").rglob("*") if p.is_file() and p.suffix in (".py", ".toml")
+                   and "analysis" not in p.relative_to(root / "sim").parts and "__pycache__" not in p.parts)
+    files.append(root / "traces" / "format.py")
+    h = hashlib.sha256()
+    for path in files:
+        if path.is_file():
+            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def _file_sha256(path: str) -> str:
     h = hashlib.sha256()
     try:
@@ -362,7 +377,8 @@ def run_sweep(trace_path: str | os.PathLike[str], configs: list[SweepConfig], ca
     except OSError as error:
         raise UserError(f"cannot create sweep cache folder {cache}: {error.strerror}") from None
     estimator_hashes = {c.estimator: _file_sha256(c.estimator) for c in configs if c.estimator is not None}
-    hashes = [c.config_hash(trace_hash, estimator_hashes.get(c.estimator, "")) for c in configs]
+    code = code_fingerprint() if runner == DEFAULT_RUNNER else "custom-runner"
+    hashes = [c.config_hash(trace_hash + code, estimator_hashes.get(c.estimator, "")) for c in configs]
     results: dict[int, dict] = {}
     todo: list[tuple[int, SweepConfig]] = []
     for index, (config, h) in enumerate(zip(configs, hashes, strict=True)):
