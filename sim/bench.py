@@ -2,8 +2,9 @@
 
 A layer-step is one MoE layer of one forward step (a prefill chunk or a decode token). We replay a
 synthetic Qwen1.5-MoE-shaped trace (24 MoE layers, 60 experts, top-4, look-ahead logits, 1 sequence of 32
-prompt and N decode tokens) under `lod` and `fate` on the RTX 3090 profile at a 25% budget, best of
-`--repeat` runs (`lod` also through the general engine loop, without its closed form), and time a 100-configuration sweep (5 presets x 5 budgets x 4 profiles) on a shorter trace
+prompt and N decode tokens) under `lod`, `lru` and `fate` on the RTX 3090 profile at a 25% budget, best
+of `--repeat` runs (`lod` also through the general engine loop, without its closed form), and time a
+100-configuration sweep (5 presets x 5 budgets x 4 profiles) on a shorter trace
 with `replay_many`. Wall time and this process's CPU time are both reported: on a shared machine the CPU
 figure is what one core delivers.
 """
@@ -36,7 +37,7 @@ def _timed(fn) -> tuple[float, float, object]:
 @click.option("--sweep-decode-tokens", default=200, show_default=True, help="Decode tokens of the sweep's trace.")
 @click.option("--repeat", default=3, show_default=True, help="Runs per policy; the best is reported.")
 def main(decode_tokens: int, sweep_decode_tokens: int, repeat: int) -> None:
-    """Print layer-steps per second for lod and fate, and the wall time of a 100-configuration sweep."""
+    """Print layer-steps per second for lod, lru and fate, and the wall time of a 100-configuration sweep."""
     command = "python -m sim.bench " + " ".join(sys.argv[1:])
     load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     click.echo(f"command: {command.strip()}")
@@ -47,7 +48,8 @@ def main(decode_tokens: int, sweep_decode_tokens: int, repeat: int) -> None:
     click.echo(f"trace: 24 layers, 60 experts, top-4, 32 prompt + {decode_tokens} decode tokens "
                f"(prepared in {build_s:.2f} s CPU)")
     for policy, mode, label in (("lod", "fast", "lod (closed form, sim/fastpath.py)"),
-                                ("lod", "engine", "lod (engine loop)"), ("fate", "fast", "fate (engine loop)")):
+                                ("lod", "engine", "lod (engine loop)"), ("lru", "fast", "lru (engine loop)"),
+                                ("fate", "fast", "fate (engine loop)")):
         best_wall = best_cpu = float("inf")
         steps = 0
         for _ in range(repeat):

@@ -102,6 +102,8 @@ class LookaheadPredictor:
         self.top_k = top_k
         self.depth = depth
         """How many layers ahead to predict (<= the look-ahead depth D of the signals)."""
+        self._decode_limit = limit if name == "crosslayer" else top_k
+        """Candidates per layer ahead in decode."""
 
     def begin_step(self, step: int, phase: str) -> None:
         pass
@@ -113,9 +115,11 @@ class LookaheadPredictor:
         rank = signals.lookahead_rank
         if rank is not None and signals.num_tokens == 1:
             ids, values = rank  # [D][m], [D][m]
-            limit = self.limit if self.name == "crosslayer" else self.top_k
+            limit = self._decode_limit
             # Speed (once per layer step): list slices instead of tuples, and Predictions made by tuple.__new__
-            # (the NamedTuple constructor is a Python function, ~0.3 µs).
+            # (the NamedTuple constructor is a Python function, ~0.3 µs); depth 1, the default, needs no loop.
+            if self.depth == 1 and layer + 1 < self.num_layers and ids:
+                return [_new_prediction(Prediction, (layer + 1, ids[0][:limit], values[0][:limit]))]
             out = []
             for d in range(min(self.depth, len(ids), self.num_layers - 1 - layer)):
                 out.append(_new_prediction(Prediction, (layer + d + 1, ids[d][:limit], values[d][:limit])))
