@@ -59,5 +59,5 @@ def realrun(model: str, prompts_path: Path, policy: str, memory_budget: str, dev
                f"link busy {result['link_busy_fraction']:.1%}")
     click.echo(f"bytes: on-demand {b['on_demand'] / 2**20:.1f} MiB, prefetch used {b['prefetch_used'] / 2**20:.1f} "
                f"MiB, wasted {b['prefetch_wasted'] / 2**20:.1f} MiB")
-    for i, tokens in enumerate(result["generated"]):
-        click.echo(f"prompt {i}: {len(tokens)} tokens generated")
+    lengths = [len(tokens) for tokens in result["generated"]]
+    click.echo(f"generated {sum(lengths)} tokens for {len(lengths)} prompts (--json lists them)")
