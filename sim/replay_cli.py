@@ -24,14 +24,28 @@ from sim.units import format_bytes
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics JSON instead of a table.")
 @click.option("--timeline", type=click.Path(dir_okay=False), default=None,
               help="Write a Chrome trace-event JSON (open in Perfetto).")
+@click.option("--estimator", type=click.Path(dir_okay=False), default=None,
+              help="A learned estimator (`fatesim train-estimator`) used as the prediction policy; the trace "
+                   "must hold gate inputs.")
 def replay(trace_path: str, policy: str, hw: str, memory_budget: str, as_model: str | None,
-           settings: tuple[str, ...], as_json: bool, timeline: str | None) -> None:
+           settings: tuple[str, ...], as_json: bool, timeline: str | None, estimator: str | None) -> None:
     """Replay a trace under a policy, memory budget and hardware profile."""
     from sim.policies.presets import parse_overrides
+    from sim.replay import load
     from sim.replay import replay as run_replay
 
-    metrics = run_replay(trace_path, policy=policy, hw=hw, memory_budget=memory_budget, as_model=as_model,
-                         overrides=parse_overrides(settings), timeline=timeline)
+    overrides = parse_overrides(settings)
+    loaded = load(trace_path)
+    score_fn = None
+    if estimator:
+        from sim.analysis.estimator import estimator_predictor, make_score_fn
+
+        trace = loaded.trace
+        learned = estimator_predictor(estimator, trace.num_moe_layers, trace.num_experts)
+        score_fn = make_score_fn(learned, trace)
+        overrides.setdefault("prediction", "learned")
+    metrics = run_replay(loaded, policy=policy, hw=hw, memory_budget=memory_budget, as_model=as_model,
+                         overrides=overrides, timeline=timeline, score_fn=score_fn)
     if as_json:
         click.echo(json.dumps(metrics, sort_keys=False))
         return

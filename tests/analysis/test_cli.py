@@ -78,3 +78,21 @@ def test_sweep_exit_1_when_a_configuration_fails(traces_dir, capsys) -> None:
                           "--out", str(traces_dir / "r.csv"), "--no-progress"], capsys)
     assert code == 1 and "2 failed" in out and err.count("failed: ") == 2
     assert (traces_dir / "r.csv").is_file()
+
+
+def test_replay_uses_a_trained_estimator_as_its_predictor(traces_dir, capsys) -> None:
+    """`fatesim replay --estimator` makes the learned predictor drive prefetch (and refuses a mismatched one)."""
+    est = traces_dir / "e.safetensors"
+    code, _, _ = run(["train-estimator", "--trace", str(traces_dir / "s.safetensors"), "--out", str(est),
+                      "--depth", "1", "--steps", "50"], capsys)
+    assert code == 0
+    code, out, _ = run(["replay", "--trace", str(traces_dir / "s2.safetensors"), "--policy", "lru",
+                        "--set", "prefetch=topk", "--estimator", str(est), "--hw", "rtx3090-pcie3",
+                        "--memory-budget", "50%", "--json"], capsys)
+    metrics = json.loads(out)
+    assert code == 0 and metrics["policy_components"]["prediction"] == "learned"
+    assert metrics["prefetch_precision"] > 0.2
+    other = traces_dir / "other.safetensors"
+    write_trace(make_structured_trace(num_sequences=2, num_experts=8), other)
+    code, _, err = run(["replay", "--trace", str(other), "--estimator", str(est)], capsys)
+    assert code == 2 and "16 experts" in err and len(err.strip().splitlines()) == 1
