@@ -241,10 +241,13 @@ class OffloadController:
                 continue
             cache = self.caches[target]
             resident = cache.resident
-            wanted = set(experts)
-            cache.selected |= wanted
-            if wanted <= resident.keys():  # the common decode case: every pick already resident or in flight
+            cache.selected.update(experts)
+            for e in experts:
+                if e not in resident:
+                    break
+            else:  # the common decode case: every pick already resident or in flight
                 continue
+            wanted = set(experts)
             items = [(e, s) for e, s in zip(experts, scores, strict=True) if e not in resident]
             precisions = self.precision.assign(phase, [e for e, _ in items], [s for _, s in items])
             for (expert, score), precision in zip(items, precisions, strict=True):
