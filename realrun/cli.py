@@ -28,13 +28,18 @@ import click
               help="Write a Chrome trace-event timeline (Perfetto) of the run to this file.")
 @click.option("--trace-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the routing trace of this very run (trace format v1, .safetensors) to this file.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Override a policy component or parameter, as in `fatesim replay` (e.g. --set precision=bf16).")
 def realrun(model: str, prompts_path: Path, policy: str, memory_budget: str, device: str, store: str,
             max_new_tokens: int, as_json: bool, timeline: Path | None,
-            trace_out: Path | None) -> None:
+            trace_out: Path | None, settings: tuple[str, ...]) -> None:
     """Run a model for real with offloaded experts under a policy; print replay's metrics."""
     from tqdm import tqdm
 
     from realrun.session import run_realrun
+    from sim.policies.presets import parse_overrides
+
+    overrides = parse_overrides(settings)
 
     with tqdm(desc=f"realrun {policy}", unit="step", disable=None, leave=False) as bar:
 
@@ -43,7 +48,7 @@ def realrun(model: str, prompts_path: Path, policy: str, memory_budget: str, dev
             bar.refresh()
 
         result = run_realrun(model, prompts_path, policy, memory_budget, device=device, store=store,
-                             max_new_tokens=max_new_tokens,
+                             max_new_tokens=max_new_tokens, overrides=overrides,
                              timeline=timeline, trace_out=trace_out, progress=bar.update,
                              progress_total=set_total)
     if as_json:

@@ -46,6 +46,14 @@ def test_cli_json_timeline_and_trace(model_dir: Path, prompts_file: Path, tmp_pa
     assert timeline.exists() and trace.exists()
 
 
+def test_cli_set_overrides_the_preset(model_dir: Path, prompts_file: Path, capsys) -> None:
+    """--set works as in replay: fate with bf16 transfers is lossless and reports the overridden component."""
+    main(["realrun", "--model", str(model_dir), "--prompts", str(prompts_file), "--policy", "fate",
+          "--memory-budget", "50%", "--store", "ram", "--max-new-tokens", "2", "--set", "precision=bf16", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["policy_components"]["precision"] == "bf16"
+
+
 def test_cli_summary(model_dir: Path, prompts_file: Path, capsys) -> None:
     """Without --json a short summary is printed."""
     main(["realrun", "--model", str(model_dir), "--prompts", str(prompts_file), "--policy", "lru",
@@ -58,6 +66,7 @@ def test_cli_summary(model_dir: Path, prompts_file: Path, capsys) -> None:
     (["--policy", "nope", "--memory-budget", "50%"], "unknown policy"),
     (["--policy", "lru", "--memory-budget", "2%"], "raise --memory-budget"),
     (["--policy", "lru", "--memory-budget", "lots"], "cannot read size"),
+    (["--policy", "lru", "--memory-budget", "50%", "--set", "eviction=fifo"], "eviction=fifo"),
 ])
 def test_cli_user_errors_are_one_line(model_dir: Path, prompts_file: Path, capsys, args, message) -> None:
     """Bad policy or budget: exit code 2 and one line on stderr, no traceback."""
