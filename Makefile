@@ -29,7 +29,7 @@ lint: $(STAMP)
 
 $(TRACES)/%.safetensors: $(STAMP) $(PROMPTS) traces/models/%/model.safetensors
 	mkdir -p $(TRACES)
-	OMP_NUM_THREADS=1 $(FATESIM) trace record --model $* --prompts $(PROMPTS) --out $@ --max-new-tokens $(MAX_NEW_TOKENS) --lookahead 2
+	OMP_NUM_THREADS=1 $(FATESIM) trace record --model $* --prompts $(PROMPTS) --out $@ --max-new-tokens $(MAX_NEW_TOKENS) --lookahead 2 --gate-inputs
 
 trace: $(TRACES)/mini-qwen-moe.safetensors $(TRACES)/mini-deepseek-moe.safetensors
 
@@ -42,6 +42,11 @@ demo: $(TRACES)/mini-qwen-moe.safetensors
 
 bench: $(STAMP)
 	$(BIN)/python -m sim.bench
+
+# realrun against accelerate's offloading on a generated model with Qwen1.5-MoE expert shapes (needs ~9 GB free).
+bench-real: $(STAMP)
+	mkdir -p bench
+	$(BIN)/python -m realrun.bench --out bench/realrun-$$(hostname -s).json
 
 models: $(STAMP)
 	$(BIN)/python -m traces.train_models --model all --threads 1
