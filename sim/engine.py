@@ -17,8 +17,10 @@ parallel with the GPU; the GPU waits for their results before the shared experts
 Speed: no SimPy process per expert or transfer. The link is a closed-form busy-until timeline
 (sim/link.py), durations are memoised (sim/costs.py), and the GPU stream is one generator that yields the
 instants it must wait until. `run(..., mode="simpy")` drives it with a SimPy GPU process and a SimPy CPU
-predictor process; `mode="loop"` drives the same generator with a plain loop and the CPU thread in closed
-form. Tests check that both give identical results.
+predictor process; `mode="loop"` drives the same generator with a plain loop (no suspensions) and the CPU
+thread in closed form. The plain loop also converts each step's routes and rankings to Python lists at
+once and reads expert times from dict tables; `Engine(reference=True)` takes none of these paths. Tests
+check that all of them give identical results (tests/sim/test_engine.py, test_engine_fastpaths.py).
 """
 
 from __future__ import annotations
@@ -159,8 +161,8 @@ class Engine:
     def gpu_stream(self, sync: bool = True) -> Iterator[float]:
         """Replay every step; with `sync`, yields each instant the stream waits until (for the SimPy driver).
 
-        Speed: the plain loop passes sync=False, as it does nothing at those instants; skipping the four
-        suspensions per layer step saves ~1 µs of ~15 without changing any result."""
+        Speed: the plain loop passes sync=False, as it does nothing at those instants; it then skips the
+        four generator suspensions per layer step, which changes no result."""
         ctl, link, costs, record = self.ctl, self.link, self.costs, self.record
         probs = self.workload.lookahead_probs
         rank = self.rank

@@ -99,7 +99,7 @@ class LayerPlan:
 
     Speed: the fields most layer steps leave empty default to the class's shared read-only empty list
     (`NO_ITEMS`) and are assigned when there is something to say, so a decode layer step with every
-    expert resident allocates one list, not nine (about 1 µs of a ~10 µs layer step)."""
+    expert resident allocates one list, not nine (well under a microsecond, of ~15 µs per layer step)."""
 
     __slots__ = ("layer", "step", "gpu_work", "__dict__")
 
