@@ -48,6 +48,19 @@ bench-real: $(STAMP)
 	mkdir -p bench
 	$(BIN)/python -m realrun.bench --out bench/realrun-$$(hostname -s).json
 
+# Measure this machine (CPU, O_DIRECT disk tier, realrun's Qwen-shaped bench model) into a profile, then
+# check the simulator against realrun on it. Outputs go to out/ (not tracked).
+PROFILE := out/this-machine-cpu-disk.toml
+
+$(PROFILE): $(STAMP)
+	mkdir -p out
+	$(FATESIM) calibrate --device cpu --store disk --model bench --out $@ --plots out/calibration-plots
+
+calibrate: $(PROFILE)
+
+validate: $(PROFILE)
+	$(FATESIM) validate --profile $(PROFILE) --model bench --num-prompts 2 --max-new-tokens 8
+
 models: $(STAMP)
 	$(BIN)/python -m traces.train_models --model all --threads 1
 
