@@ -219,7 +219,24 @@ class ARC:
             self.b2.popitem(last=False)
 
 
-class Belady:
+class _NoBookkeeping:
+    """Policies whose victim needs no record of past accesses: every notification is ignored."""
+
+    def on_insert(self, expert: int, step: int) -> None:
+        pass
+
+    def on_access(self, expert: int, step: int) -> None:
+        pass
+
+    def on_access_many(self, experts: list[int], step: int) -> None:
+        """`on_access` of each of `experts`, in order (one call per layer step)."""
+        pass
+
+    def on_remove(self, expert: int) -> None:
+        pass
+
+
+class Belady(_NoBookkeeping):
     """Evict the candidate whose next use is farthest away (ties: the lowest expert id)."""
 
     name = "belady"
@@ -228,43 +245,17 @@ class Belady:
         self.layer = layer
         self.future = future
 
-    def on_insert(self, expert: int, step: int) -> None:
-        pass
-
-    def on_access(self, expert: int, step: int) -> None:
-        pass
-
-    def on_access_many(self, experts: list[int], step: int) -> None:
-        """`on_access` of each of `experts`, in order (one call per layer step)."""
-        pass
-
-    def on_remove(self, expert: int) -> None:
-        pass
-
     def victim(self, candidates: set[int], incoming: int | None, step: int) -> int:
         nxt = self.future.next_use
         return max(sorted(candidates), key=lambda e: nxt(self.layer, e, step))
 
 
-class NoReuse:
+class NoReuse(_NoBookkeeping):
     """`none`: no bookkeeping (the controller empties the layer before each step); victim = lowest id."""
 
     name = "none"
 
     def __init__(self, capacity: int) -> None:
-        pass
-
-    def on_insert(self, expert: int, step: int) -> None:
-        pass
-
-    def on_access(self, expert: int, step: int) -> None:
-        pass
-
-    def on_access_many(self, experts: list[int], step: int) -> None:
-        """`on_access` of each of `experts`, in order (one call per layer step)."""
-        pass
-
-    def on_remove(self, expert: int) -> None:
         pass
 
     def victim(self, candidates: set[int], incoming: int | None, step: int) -> int:
