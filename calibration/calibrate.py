@@ -27,8 +27,6 @@ from sim.modelspec import get_model_spec
 from traces.atomic import atomic_output
 from traces.errors import UserError
 
-COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 def host_memory_bytes() -> int:
     """Physical RAM of this host, in bytes."""
@@ -109,20 +107,22 @@ def calibrate(*, device: str, store: str, out: str | Path, plots_dir: str | Path
     `model` may be "bench" (realrun's Qwen-shaped benchmark model, see `resolve_bench_alias`).
     `progress_factory(total)` returns a callback invoked once per measured point.
     """
+    from realrun.quant import TORCH_DTYPES
+
     out = Path(out)
     if out.suffix != ".toml":
         raise UserError(f"--out {out} must end in .toml")
     if not out.parent.is_dir() and str(out.parent):
         raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
-    if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {compute_dtype!r}")
+    if compute_dtype is not None and compute_dtype not in TORCH_DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(TORCH_DTYPES)}, not {compute_dtype!r}")
     if scratch_dir is not None and not Path(scratch_dir).is_dir():
         raise UserError(f"--scratch {scratch_dir} is not a folder")
     if threads < 1:
         raise UserError(f"--threads must be >= 1, not {threads}")
     spec = get_model_spec(resolve_bench_alias(model))
     dtype_name = compute_dtype or spec.dtype  # realrun loads models with dtype="auto": their own dtype
-    plan = default_plan(device, store, quick=quick, compute_dtype=COMPUTE_DTYPES[dtype_name],
+    plan = default_plan(device, store, quick=quick, compute_dtype=TORCH_DTYPES[dtype_name],
                         scratch_dir=Path(scratch_dir) if scratch_dir else None)
 
     progress = progress_factory(count_steps(plan)) if progress_factory else (lambda _: None)

@@ -30,14 +30,15 @@ from hqq.core.quantize import Quantizer
 from sim.modelspec import PRECISIONS, ModelSpec, get_precision
 from traces.errors import UserError
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+"""Model dtype names (as in config.json and ModelSpec.dtype) -> torch dtypes."""
 
 
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype called `name` ("bfloat16", "float16", "float32")."""
-    if name not in _DTYPES:
-        raise UserError(f"unsupported dtype {name!r}; use one of {', '.join(_DTYPES)}")
-    return _DTYPES[name]
+    if name not in TORCH_DTYPES:
+        raise UserError(f"unsupported dtype {name!r}; use one of {', '.join(TORCH_DTYPES)}")
+    return TORCH_DTYPES[name]
 
 
 @dataclass(frozen=True)
