@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sim.builtin_configs import BUILTIN_CONFIGS
 from traces.errors import UserError
+from traces.model_configs import BUILTIN_CONFIGS, MOE_MODEL_TYPES, routing_config
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,6 @@ PRECISIONS: dict[str, Precision] = {
 """Expert precisions: int formats are HQQ-style affine quantisation along groups, float32 scale and zero."""
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-
-SUPPORTED_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek", "deepseek_v2", "deepseek_v3", "mixtral", "olmoe")
 
 
 def get_precision(name: str) -> Precision:
@@ -234,10 +232,10 @@ class ModelSpec:
     def from_hf_config(cls, cfg: dict[str, Any], name: str | None = None) -> ModelSpec:
         """A spec from a Hugging Face config.json dict of a supported MoE model type."""
         model_type = cfg.get("model_type", "")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if model_type not in MOE_MODEL_TYPES:
             raise UserError(
                 f"model type {model_type!r} is not a supported MoE architecture; "
-                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"supported: {', '.join(MOE_MODEL_TYPES)}"
             )
         try:
             return _spec_from_config(cfg, name or cfg.get("_name_or_path") or model_type)
@@ -296,71 +294,41 @@ class ModelSpec:
 
 
 def _spec_from_config(cfg: dict[str, Any], name: str) -> ModelSpec:
-    model_type = cfg["model_type"]
-    layers = int(cfg["num_hidden_layers"])
-    hidden = int(cfg["hidden_size"])
+    routing = routing_config(cfg)
+    model_type = routing.architecture
+    hidden = routing.hidden_size
     heads = int(cfg["num_attention_heads"])
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
     head_dim = int(cfg.get("head_dim") or hidden // heads)
     mla: dict[str, int] = {}
-    shared_gate = False
-    if model_type in ("qwen2_moe", "qwen3_moe"):
-        experts, top_k = int(cfg["num_experts"]), int(cfg["num_experts_per_tok"])
-        expert_inter = int(cfg["moe_intermediate_size"])
-        shared_inter = int(cfg.get("shared_expert_intermediate_size") or 0)
-        num_shared = 1 if shared_inter else 0
-        shared_gate = bool(shared_inter)
-        step = int(cfg.get("decoder_sparse_step") or 1)
-        mlp_only = set(cfg.get("mlp_only_layers") or [])
-        moe = [i for i in range(layers) if i not in mlp_only and experts > 0 and (i + 1) % step == 0]
-        dense_inter = int(cfg["intermediate_size"])
-    elif model_type in ("deepseek", "deepseek_v2", "deepseek_v3"):
-        experts, top_k = int(cfg["n_routed_experts"]), int(cfg["num_experts_per_tok"])
-        expert_inter = int(cfg["moe_intermediate_size"])
-        num_shared = int(cfg.get("n_shared_experts") or 0)
-        shared_inter = num_shared * expert_inter
-        first_dense = int(cfg.get("first_k_dense_replace") or 0)
-        freq = int(cfg.get("moe_layer_freq") or 1)
-        moe = [i for i in range(layers) if i >= first_dense and i % freq == 0]
-        dense_inter = int(cfg["intermediate_size"])
-        if model_type != "deepseek" and cfg.get("kv_lora_rank"):
-            mla = {
-                "kv_lora_rank": int(cfg["kv_lora_rank"]),
-                "q_lora_rank": int(cfg.get("q_lora_rank") or 0),
-                "qk_rope_head_dim": int(cfg["qk_rope_head_dim"]),
-                "qk_nope_head_dim": int(cfg["qk_nope_head_dim"]),
-                "v_head_dim": int(cfg["v_head_dim"]),
-            }
-    elif model_type == "mixtral":
-        experts, top_k = int(cfg["num_local_experts"]), int(cfg["num_experts_per_tok"])
-        expert_inter = dense_inter = int(cfg["intermediate_size"])
-        num_shared, shared_inter = 0, 0
-        moe = list(range(layers))
-    else:  # olmoe
-        experts, top_k = int(cfg["num_experts"]), int(cfg["num_experts_per_tok"])
-        expert_inter = dense_inter = int(cfg["intermediate_size"])
-        num_shared, shared_inter = 0, 0
-        moe = list(range(layers))
-    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
+    if model_type in ("deepseek_v2", "deepseek_v3") and cfg.get("kv_lora_rank"):
+        mla = {
+            "kv_lora_rank": int(cfg["kv_lora_rank"]),
+            "q_lora_rank": int(cfg.get("q_lora_rank") or 0),
+            "qk_rope_head_dim": int(cfg["qk_rope_head_dim"]),
+            "qk_nope_head_dim": int(cfg["qk_nope_head_dim"]),
+            "v_head_dim": int(cfg["v_head_dim"]),
+        }
     return ModelSpec(
         name=name,
         model_type=model_type,
-        num_layers=layers,
-        moe_layer_indices=tuple(moe),
-        num_experts=experts,
-        top_k=top_k,
+        num_layers=routing.num_layers,
+        moe_layer_indices=routing.moe_layer_indices,
+        num_experts=routing.num_experts,
+        top_k=routing.top_k,
         hidden_size=hidden,
-        expert_intermediate_size=expert_inter,
-        num_shared_experts=num_shared,
-        shared_expert_intermediate_size=shared_inter,
-        dense_intermediate_size=dense_inter,
+        expert_intermediate_size=routing.expert_intermediate_size,
+        num_shared_experts=routing.num_shared_experts,
+        shared_expert_intermediate_size=routing.shared_expert_intermediate_size,
+        dense_intermediate_size=int(cfg["intermediate_size"]),
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
         vocab_size=int(cfg["vocab_size"]),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        dtype=dtype if dtype in DTYPE_BYTES else "bfloat16",
-        has_shared_expert_gate=shared_gate,
+        dtype=routing.dtype,
+        # Qwen's shared expert output is scaled by a sigmoid gate (hidden -> 1).
+        has_shared_expert_gate=model_type in ("qwen2_moe", "qwen3_moe") and routing.num_shared_experts > 0,
         **mla,
     )
 

@@ -36,7 +36,7 @@ FORMAT_NAME = "fatesim-trace"
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 
-ARCHITECTURES = ("qwen2_moe", "deepseek_v2", "deepseek_v3", "mixtral", "olmoe", "qwen3_moe")
+ARCHITECTURES = ("qwen2_moe", "deepseek", "deepseek_v2", "deepseek_v3", "mixtral", "olmoe", "qwen3_moe")
 DTYPES = ("bfloat16", "float16", "float32")
 
 # tensor name -> (numpy dtype, shape letters); order = layout order in the file (largest items first, so

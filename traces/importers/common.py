@@ -1,8 +1,8 @@
 """What every importer shares: the built-in model configs, `--model-spec` and `--prompt-tokens`, assembling
 sequences into a Trace, and reading JSON-lines files with errors that name the file and line.
 
-`traces` never imports `sim`, so the routing-relevant shapes of the source models are written out here
-(from each model's HF config.json); sim's `get_model_spec(name)` uses the same names.
+The models an import can be attributed to are built-ins of `traces.model_configs`, the configs sim's
+`get_model_spec(name)` reads too.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 
 from traces.errors import UserError
 from traces.format import Trace, TraceModelConfig, utc_now_iso, validate_trace
+from traces.model_configs import BUILTIN_CONFIGS, HF_IDS, routing_config
 
 
 @dataclass(frozen=True)
@@ -30,25 +31,13 @@ class KnownModel:
     config: TraceModelConfig
 
 
-def _cfg(arch: str, layers: int, moe: Sequence[int], experts: int, k: int, shared: int, hidden: int,
-         expert_inter: int, shared_inter: int) -> TraceModelConfig:
-    return TraceModelConfig(architecture=arch, num_layers=layers, moe_layer_indices=tuple(moe), num_experts=experts,
-                            top_k=k, num_shared_experts=shared, hidden_size=hidden,
-                            expert_intermediate_size=expert_inter, shared_expert_intermediate_size=shared_inter,
-                            dtype="bfloat16")
+IMPORT_MODELS = ("deepseek-v2-lite", "deepseek-moe-16b", "qwen1.5-moe-a2.7b", "mixtral-8x7b")
+"""Built-in models whose routing the importers' sources log (or share: DeepSeekMoE-16B routes as V2-Lite)."""
 
-
-# name (as sim.modelspec.get_model_spec knows it) -> model; values from each model's config.json.
 KNOWN_MODELS: dict[str, KnownModel] = {
-    "deepseek-v2-lite": KnownModel("deepseek-ai/DeepSeek-V2-Lite",
-                                   _cfg("deepseek_v2", 27, range(1, 27), 64, 6, 2, 2048, 1408, 2 * 1408)),
-    "deepseek-moe-16b": KnownModel("deepseek-ai/deepseek-moe-16b-base",
-                                   _cfg("deepseek_v2", 28, range(1, 28), 64, 6, 2, 2048, 1408, 2 * 1408)),
-    "qwen1.5-moe-a2.7b": KnownModel("Qwen/Qwen1.5-MoE-A2.7B",
-                                    _cfg("qwen2_moe", 24, range(24), 60, 4, 1, 2048, 1408, 5632)),
-    "mixtral-8x7b": KnownModel("mistralai/Mixtral-8x7B-v0.1",
-                               _cfg("mixtral", 32, range(32), 8, 2, 0, 4096, 14336, 0)),
+    name: KnownModel(HF_IDS[name], routing_config(BUILTIN_CONFIGS[name])) for name in IMPORT_MODELS
 }
+"""name (as sim.modelspec.get_model_spec knows it) -> model."""
 
 
 def resolve_model(spec_name: str | None, default_name: str, *, logged_layers: Sequence[int],
