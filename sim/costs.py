@@ -3,7 +3,10 @@
 The one place compute and transfer times are derived (the engine, the controller's Fate prefetch count
 and the analyses all ask here). Compute follows the profile's roofline, per kernel:
 `launch + max(flops / FLOP/s, bytes / memory bandwidth)`; a quantised expert also pays its dequantisation
-(bf16 output bytes / dequant throughput) each time it runs. Results are memoised per (tokens, precision).
+(bf16 output bytes / dequant throughput) each time it runs. Where the profile carries a measured
+correction for an operation (`TokenScales`: measured / roofline time per token count), the roofline time
+is multiplied by it; a correction for a quantised precision was measured on that precision's own path and
+replaces the dequantisation term. Results are memoised per (tokens, precision).
 """
 
 from __future__ import annotations
@@ -28,13 +31,20 @@ class CostModel:
 
     def _expert_s(self, tokens: int, precision: str) -> float:
         """GPU time of one routed expert on `tokens` tokens, stored in `precision`."""
-        gpu = self.hw.gpu
-        run = gpu.op_s(self.spec.expert_flops(tokens), self.expert_bf16_bytes)
-        return run + self.hw.dequant.dequant_s(precision, self.expert_bf16_bytes)
+        roofline = self.hw.gpu.op_s(self.spec.expert_flops(tokens), self.expert_bf16_bytes)
+        scales = self.hw.gpu_token_scale
+        own = scales.factor(f"expert_{precision}", tokens)
+        if own is not None:
+            return roofline * own
+        unquantised = scales.factor("expert_bf16", tokens)
+        return (roofline * (1.0 if unquantised is None else unquantised)
+                + self.hw.dequant.dequant_s(precision, self.expert_bf16_bytes))
 
     def _cpu_expert_s(self, tokens: int) -> float:
         """CPU time of one routed expert on `tokens` tokens, reading its bf16 weights from host memory."""
-        return self.hw.cpu.compute.op_s(self.spec.expert_flops(tokens), self.expert_bf16_bytes)
+        roofline = self.hw.cpu.compute.op_s(self.spec.expert_flops(tokens), self.expert_bf16_bytes)
+        scale = self.hw.cpu_token_scale.factor("expert_bf16", tokens)
+        return roofline * (1.0 if scale is None else scale)
 
     def _transfer_s(self, nbytes: int) -> float:
         """Copy-engine time of one transfer of `nbytes`."""
@@ -60,7 +70,9 @@ class CostModel:
         spec = self.spec
         if not spec.shared_expert_intermediate_size:
             return 0.0
-        return self.hw.gpu.op_s(spec.shared_expert_flops(tokens), spec.shared_expert_params * spec.weight_bytes)
+        roofline = self.hw.gpu.op_s(spec.shared_expert_flops(tokens), spec.shared_expert_params * spec.weight_bytes)
+        scale = self.hw.gpu_token_scale.factor("shared", tokens)
+        return roofline * (1.0 if scale is None else scale)
 
     def decode_layer_s(self, precision: str = "int4", context: int = 256) -> float:
         """Compute time of one decode MoE layer with all top-k experts resident (Fate's "layer time")."""

@@ -2,14 +2,17 @@
 
 A profile is a TOML file (schema in ARCHITECTURE.md): the link that brings experts into fast memory
 (latency + bytes / bandwidth, per copy engine), a roofline model of the device's compute, dequantisation
-throughput, and the CPU (predictor latency, CPU execution of missed experts). Shipped profiles live in
-`sim/profiles/`; `load_profile` takes a shipped name or a path. Units: seconds, bytes, FLOPs. Only this
+throughput, and the CPU (predictor latency, CPU execution of missed experts). A calibrated profile may
+add measured per-token-count corrections to the roofline (`[gpu.token_scale]`, `[cpu.token_scale]`).
+Shipped profiles live in `sim/profiles/`; `load_profile` takes a shipped name or a path. Units: seconds, bytes, FLOPs. Only this
 module reads the file, so only it knows the TOML layout.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +53,48 @@ class RooflineModel:
     def op_s(self, flops: float, nbytes: float) -> float:
         """Seconds for an operation of `flops` FLOPs that reads `nbytes` bytes."""
         return self.kernel_launch_s + max(flops / self.matmul_flops_per_s, nbytes / self.memory_bytes_per_s)
+
+
+TOKEN_SCALE_COLUMNS = ("expert_bf16", "expert_int8", "expert_int4", "expert_int2", "shared")
+"""Operations a `TokenScales` table may correct: a routed expert stored in each precision, shared experts."""
+
+
+@dataclass(frozen=True)
+class TokenScales:
+    """Measured time over the roofline's prediction, per operation and token count.
+
+    One roofline cannot follow every device: a CPU multiplies 1 token with a matrix-vector kernel that
+    streams the weights once and 2-16 tokens with a GEMM that repacks them (2-3x slower here), and a CPU
+    multiplies INT4 experts straight from the packed weights (cheaper than the unquantised expert, which
+    the dequantisation term cannot express). The table holds the ratio measured / roofline at the
+    calibrated token counts; between them the ratio is linear in log(tokens), outside them it is the
+    nearest end's. The ratio, not seconds, is stored so that the profile still scales to other models'
+    shapes through the roofline. An `expert_<precision>` column was measured on the runtime's own path for
+    that precision, dequantisation included.
+    """
+
+    tokens: tuple[int, ...] = ()
+    """Calibrated token counts, strictly increasing."""
+    columns: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    """(operation, ratio at each of `tokens`), operations from `TOKEN_SCALE_COLUMNS`."""
+
+    def factor(self, operation: str, tokens: int) -> float | None:
+        """Measured / roofline time of `operation` on `tokens` tokens; None when not calibrated."""
+        ratios = dict(self.columns).get(operation)
+        if ratios is None:
+            return None
+        counts = self.tokens
+        if tokens <= counts[0]:
+            return ratios[0]
+        if tokens >= counts[-1]:
+            return ratios[-1]
+        hi = bisect.bisect_right(counts, tokens)
+        lo = hi - 1
+        w = (math.log(tokens) - math.log(counts[lo])) / (math.log(counts[hi]) - math.log(counts[lo]))
+        return ratios[lo] + w * (ratios[hi] - ratios[lo])
+
+    def to_toml_dict(self) -> dict[str, list]:
+        return {"tokens": list(self.tokens), **{name: list(ratios) for name, ratios in self.columns}}
 
 
 @dataclass(frozen=True)
@@ -94,6 +139,10 @@ class HardwareProfile:
     dequant: DequantModel
     cpu: CpuModel
     source_path: str = ""
+    gpu_token_scale: TokenScales = TokenScales()
+    """Measured corrections to `gpu` per token count (empty: the roofline as is)."""
+    cpu_token_scale: TokenScales = TokenScales()
+    """Measured corrections to `cpu.compute` (only `expert_bf16` is used: CPU execution of misses)."""
 
     def with_link_bandwidth(self, bandwidth_bytes_per_s: float) -> HardwareProfile:
         """The same machine with another link bandwidth (for what-if sweeps)."""
@@ -102,7 +151,7 @@ class HardwareProfile:
 
     def to_toml_dict(self) -> dict[str, Any]:
         """The profile in the TOML schema of ARCHITECTURE.md."""
-        return {
+        data = {
             "name": self.name,
             "description": self.description,
             "provenance": self.provenance,
@@ -130,6 +179,11 @@ class HardwareProfile:
                 "predictor_latency_s": self.cpu.predictor_latency_s,
             },
         }
+        if self.gpu_token_scale.columns:
+            data["gpu"]["token_scale"] = self.gpu_token_scale.to_toml_dict()
+        if self.cpu_token_scale.columns:
+            data["cpu"]["token_scale"] = self.cpu_token_scale.to_toml_dict()
+        return data
 
 
 class _Reader:
@@ -195,7 +249,35 @@ def profile_from_dict(data: dict[str, Any], source: str = "<dict>") -> HardwareP
             predictor_latency_s=r.get("cpu", "predictor_latency_s", float, positive=False),
         ),
         source_path=source,
+        gpu_token_scale=_token_scales(data, "gpu", source),
+        cpu_token_scale=_token_scales(data, "cpu", source),
     )
+
+
+def _token_scales(data: dict[str, Any], section: str, source: str) -> TokenScales:
+    """The optional `[section.token_scale]` table, checked: increasing token counts, positive ratios."""
+    table = data.get(section, {}).get("token_scale")
+    where = f"profile {source}: [{section}.token_scale]"
+    if table is None:
+        return TokenScales()
+    if not isinstance(table, dict):
+        raise UserError(f"{where} must be a table")
+    tokens = table.get("tokens")
+    if (not isinstance(tokens, list) or not tokens
+            or not all(isinstance(t, int) and not isinstance(t, bool) and t > 0 for t in tokens)
+            or any(b <= a for a, b in zip(tokens, tokens[1:], strict=False))):
+        raise UserError(f"{where} tokens must be a non-empty, strictly increasing list of positive integers")
+    columns = []
+    for name, ratios in table.items():
+        if name == "tokens":
+            continue
+        if name not in TOKEN_SCALE_COLUMNS:
+            raise UserError(f"{where} has unknown column {name!r}; known: {', '.join(TOKEN_SCALE_COLUMNS)}")
+        if (not isinstance(ratios, list) or len(ratios) != len(tokens)
+                or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in ratios)):
+            raise UserError(f"{where} {name} must list {len(tokens)} positive numbers, one per token count")
+        columns.append((name, tuple(float(r) for r in ratios)))
+    return TokenScales(tokens=tuple(tokens), columns=tuple(columns))
 
 
 def list_profiles() -> list[str]:
