@@ -3,7 +3,9 @@
 The models are the ones `sim.hardware` evaluates:
 - link: `t = latency_s + nbytes / bandwidth_bytes_per_s`, linear in (latency, 1/bandwidth);
 - compute (roofline): `t = kernel_launch_s + max(flops / matmul_flops_per_s, nbytes / memory_bytes_per_s)`;
-- dequantisation: `t = output_bytes / rate`.
+- dequantisation: `t = output_bytes / rate`;
+- per-token corrections (`sim.hardware.TokenScales`): measured / roofline time of each routed-expert
+  point (per precision, on realrun's own path) and of each shared-MLP point, at its token count.
 
 All fits work on *relative* error: a 64 KiB read takes a thousandth of a 64 MiB one, and an absolute fit
 would let the large sizes decide everything (the latency would come out as noise). Two steps:
@@ -30,7 +32,7 @@ import numpy as np
 from scipy.optimize import least_squares, lsq_linear
 
 from calibration.microbench import Point
-from sim.hardware import CpuModel, DequantModel, HardwareProfile, LinkModel, RooflineModel
+from sim.hardware import CpuModel, DequantModel, HardwareProfile, LinkModel, RooflineModel, TokenScales
 from traces.errors import UserError
 
 
@@ -182,6 +184,29 @@ def fit_rate(output_bytes: Sequence[float], seconds: Sequence[float]) -> float:
     return 1.0 / inv_rate
 
 
+def token_scales(fit: RooflineFit, columns: dict[str, Sequence[Point]]) -> TokenScales:
+    """Measured / roofline time per operation and token count, on the union of the measured token counts.
+
+    A column measured at fewer token counts than the union is interpolated the way `TokenScales.factor`
+    reads it (linear in log tokens, flat outside), so the table says exactly what the points say.
+    """
+    measured: dict[str, TokenScales] = {}
+    for name, pts in columns.items():
+        by_tokens = {int(p.x): p for p in pts}
+        if not by_tokens:
+            continue
+        tokens = tuple(sorted(by_tokens))
+        ratios = tuple(by_tokens[t].seconds / float(fit.predict_s(np.array([by_tokens[t].flops]),
+                                                                   np.array([by_tokens[t].nbytes]))[0])
+                       for t in tokens)
+        measured[name] = TokenScales(tokens=tokens, columns=((name, ratios),))
+    if not measured:
+        return TokenScales()
+    union = tuple(sorted({t for table in measured.values() for t in table.tokens}))
+    return TokenScales(tokens=union, columns=tuple(
+        (name, tuple(table.factor(name, t) for t in union)) for name, table in measured.items()))
+
+
 @dataclass(frozen=True)
 class Calibration:
     """A fitted profile together with the fits and points it came from (for plots and reports)."""
@@ -211,6 +236,7 @@ def build_profile(points: Sequence[Point], *, name: str, device_kind: str, memor
     compute_pts = _select(points, "expert", "mlp", "attention")
     compute = fit_roofline([p.flops for p in compute_pts], [p.nbytes for p in compute_pts],
                            [p.seconds for p in compute_pts])
+    # On a CPU device the CPU that executes misses is the compute device: its expert points serve both.
     cpu_pts = _select(points, "cpu_expert") or _select(points, "expert")
     cpu = fit_roofline([p.flops for p in cpu_pts], [p.nbytes for p in cpu_pts], [p.seconds for p in cpu_pts])
     dequant: dict[str, float] = {}
@@ -247,6 +273,10 @@ def build_profile(points: Sequence[Point], *, name: str, device_kind: str, memor
                                   kernel_launch_s=cpu.kernel_launch_s),
             predictor_latency_s=statistics.median(p.seconds for p in predictor),
         ),
+        gpu_token_scale=token_scales(compute, {
+            "expert_bf16": _select(points, "expert"), "shared": _select(points, "mlp"),
+            **{f"expert_{p}": _select(points, f"expert_{p}") for p in ("int8", "int4", "int2")}}),
+        cpu_token_scale=token_scales(cpu, {"expert_bf16": cpu_pts}),
     )
     return Calibration(profile=profile, link=link, compute=compute, cpu=cpu, dequant_bytes_per_s=dequant,
                        points=tuple(points), attention_shortfall_s=attention_shortfall_s)

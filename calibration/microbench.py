@@ -14,9 +14,12 @@ Benchmarks, by `Point.kind`:
 - `mlp`: the shared experts of one layer (a SwiGLU of the shared intermediate size) on `x` tokens.
 - `attention`: one layer's attention (projections + SDPA over a KV cache) for `x` new tokens
   attending to `context` positions.
+- `expert_<precision>`: one routed expert stored in `<precision>` on `x` tokens, on realrun's own path
+  (HQQ unpacking then the matmuls, or CPU int4 matmuls from the packed record); FLOPs and bytes of the
+  unquantised expert, as `sim.costs` counts them.
 - `dequant_<precision>`: the extra time of one 1-token expert stored in `<precision>` over the unquantised
-  one, on realrun's own path (HQQ unpacking, or CPU int4 matmuls from the packed record); `nbytes` is the
-  unquantised expert size `spec.expert_bytes("bf16")`, what `sim.costs` divides by the profile's rate.
+  one; `nbytes` is the unquantised expert size `spec.expert_bytes("bf16")`, what `sim.costs` divides by
+  the profile's rate.
 - `layer`: the fixed per-layer work of one decode token: two RMSNorms, two residual adds, the router's
   softmax and top-k (the router matmul is a roofline op of its own in `sim.costs`).
 - `predictor`: the cross-layer predictor's decision for one token: the next layer's router applied to
@@ -31,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import mmap
 import os
 import statistics
 import tempfile
@@ -169,13 +171,28 @@ def time_op(op: Callable[[], object], *, repeats: int, min_seconds: float, devic
 # --- link -----------------------------------------------------------------------------------------
 
 class DiskReader:
-    """O_DIRECT reads of aligned extents of a scratch file: what realrun's disk tier does per expert."""
+    """O_DIRECT reads of aligned extents of a scratch file into realrun's own slot buffers: what realrun's
+    disk tier does per expert.
+
+    The destination matters as much as the file: realrun's slots are private anonymous mappings
+    (`realrun.store.aligned_buffer`), which the kernel backs with transparent huge pages, and a virtio disk
+    then moves a 34.6 MB record 2-3x faster than into a shared mapping of 4 KiB pages (measured here:
+    about 1.0 GB/s into `mmap.mmap(-1, n)`, 2.4-3.1 GB/s into `aligned_buffer`). Reads rotate over a few
+    such buffers, written once beforehand, as realrun's slots are.
+    """
+
+    BUFFERS = 4
 
     def __init__(self, path: Path, file_bytes: int, max_read_bytes: int, rng: np.random.Generator):
+        from realrun.store import aligned_buffer
+
         self.path = path
         self.file_bytes = _align(file_bytes)
         self.rng = rng
-        self.buffer = mmap.mmap(-1, _align(max_read_bytes))  # anonymous mmap: page-aligned
+        self.buffers = [aligned_buffer(_align(max_read_bytes)) for _ in range(self.BUFFERS)]
+        for buffer in self.buffers:
+            buffer.fill_(0)  # first touch (page faults) is not part of a transfer
+        self.turn = itertools.count()
         self.fd = -1
 
     def open(self) -> None:
@@ -199,7 +216,7 @@ class DiskReader:
 
     def read(self, nbytes: int) -> None:
         offset = int(self.rng.integers(0, (self.file_bytes - nbytes) // ALIGN_BYTES + 1)) * ALIGN_BYTES
-        view = memoryview(self.buffer)[:nbytes]
+        view = memoryview(self.buffers[next(self.turn) % self.BUFFERS][:nbytes].numpy()).cast("B")
         got = os.preadv(self.fd, [view], offset)
         if got != nbytes:
             raise OSError(f"short O_DIRECT read: {got} of {nbytes} bytes")
@@ -208,7 +225,7 @@ class DiskReader:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        self.buffer.close()
+        self.buffers.clear()
         self.path.unlink(missing_ok=True)
 
 
@@ -371,14 +388,17 @@ def bench_predictor(plan: BenchPlan, spec: ModelSpec) -> Point:
 
 # --- dequantisation -------------------------------------------------------------------------------
 
-def bench_dequant(plan: BenchPlan, spec: ModelSpec, precision: str) -> Point:
-    """What running one routed expert stored in `precision` costs beyond the unquantised expert, on
-    realrun's own path (no second quantiser): HQQ records are unpacked by `Dequantizer.unpack_into` and then
-    multiplied; int4 on a CPU is multiplied straight from the packed record (`Int4Matmuls`, packing
-    "tinygemm"). The point's seconds are (quantised expert at 1 token) - (unquantised expert at 1 token),
-    floored at 1 µs: `sim.costs` adds exactly that as dequantisation time to the unquantised expert's time.
+def bench_quantised(plan: BenchPlan, spec: ModelSpec, precision: str) -> Iterator[Point]:
+    """One routed expert stored in `precision`, on realrun's own path (no second quantiser), against tokens.
+
+    HQQ records are unpacked by `Dequantizer.unpack_into` and then multiplied; int4 on a CPU is multiplied
+    straight from the packed record (`Int4Matmuls`, packing "tinygemm"). Yields an `expert_<precision>`
+    point per token count of `plan.expert_tokens` (FLOPs and bytes of the unquantised expert, as the
+    `expert` points, so `fit` turns them into the profile's per-token correction for that precision), then
+    a `dequant_<precision>` point: (quantised - unquantised) at 1 token, floored at 1 µs, which `fit` turns
+    into the `[dequant]` rate that profiles without a per-token correction use.
     """
-    from realrun.quant import Dequantizer, Int4Matmuls, expert_layout, pack_expert
+    from realrun.quant import Dequantizer, Int4Matmuls, expert_layout, pack_expert, raw_views
     from realrun.runner import packing_for
 
     gen = torch.Generator().manual_seed(7)
@@ -393,37 +413,46 @@ def bench_dequant(plan: BenchPlan, spec: ModelSpec, precision: str) -> Point:
                    "down": _weights(h, i, torch.float32, "cpu", gen)}
         records.append(pack_expert(weights, layout, optimize=False).to(plan.device))  # quality is irrelevant
         dense_records.append(pack_expert(weights, dense).to(plan.device))
-    x = torch.randn(1, h, generator=gen).to(layout.dtype).to(plan.device)
     turn = itertools.count()
     if packing == "tinygemm":
         matmuls = Int4Matmuls(layout)
 
-        def quantised() -> torch.Tensor:
+        def quantised(x: torch.Tensor) -> torch.Tensor:
             return matmuls.forward(records[next(turn) % copies], x, F.silu)
     else:
         dequantizer = Dequantizer(layout, device=plan.device)
 
-        def quantised() -> torch.Tensor:
+        def quantised(x: torch.Tensor) -> torch.Tensor:
             gate_up, down = dequantizer.unpack_into(records[next(turn) % copies])
             return _swiglu(x, gate_up, down)
 
-    from realrun.quant import raw_views
-
-    def unquantised() -> torch.Tensor:
+    def unquantised(x: torch.Tensor) -> torch.Tensor:
         return _swiglu(x, *raw_views(dense_records[next(turn) % copies], dense))
 
-    q_s, q_samples = time_op(quantised, repeats=plan.repeats, min_seconds=plan.min_seconds, device=plan.device)
-    d_s, _ = time_op(unquantised, repeats=plan.repeats, min_seconds=plan.min_seconds, device=plan.device)
-    out_bytes = spec.expert_bytes("bf16")  # unquantised expert bytes: what sim.costs divides by the rate
-    extra = tuple(max(1e-6, s - d_s) for s in q_samples)
-    return Point(f"dequant_{precision}", out_bytes, 0.0, out_bytes, max(1e-6, q_s - d_s), extra)
+    bf16_bytes = spec.expert_bytes("bf16")  # what sim.costs charges every expert (and divides by the rate)
+    one_token_s = one_token_samples = None
+    for tokens in plan.expert_tokens:
+        x = torch.randn(tokens, h, generator=gen).to(layout.dtype).to(plan.device)
+        q_s, q_samples = time_op(lambda x=x: quantised(x), repeats=plan.repeats, min_seconds=plan.min_seconds,
+                                 device=plan.device)
+        if tokens == 1:
+            one_token_s, one_token_samples = q_s, q_samples
+        yield Point(f"expert_{precision}", tokens, spec.expert_flops(tokens), bf16_bytes * _byte_scale(plan, spec),
+                    q_s, q_samples)
+    if one_token_s is None:
+        raise UserError("the calibration plan must measure experts at 1 token")
+    x = torch.randn(1, h, generator=gen).to(layout.dtype).to(plan.device)
+    d_s, _ = time_op(lambda: unquantised(x), repeats=plan.repeats, min_seconds=plan.min_seconds, device=plan.device)
+    extra = tuple(max(1e-6, s - d_s) for s in one_token_samples)
+    yield Point(f"dequant_{precision}", bf16_bytes, 0.0, bf16_bytes, max(1e-6, one_token_s - d_s), extra)
 
 
 def count_steps(plan: BenchPlan) -> int:
     """Number of progress-bar steps `run_all` reports."""
     compute = len(plan.expert_tokens) * (2 if plan.device == "cuda" else 1)
+    quantised = len(plan.dequant_precisions) * (len(plan.expert_tokens) + 1)
     return (len(plan.link_sizes_bytes) + compute + len(plan.mlp_tokens) + len(plan.attention_points)
-            + len(plan.dequant_precisions) + 2)
+            + quantised + 2)
 
 
 def run_all(plan: BenchPlan, spec: ModelSpec, progress: Callable[[str], None] = lambda _: None,
@@ -451,7 +480,8 @@ def run_all(plan: BenchPlan, spec: ModelSpec, progress: Callable[[str], None] = 
         add(bench_layer_overhead(plan, spec))
         add(bench_predictor(plan, spec))
         for precision in plan.dequant_precisions:
-            add(bench_dequant(plan, spec, precision))
+            for point in bench_quantised(plan, spec, precision):
+                add(point)
     return points
 
 

@@ -1,8 +1,10 @@
 """Plots of each fitted model against the measurements it was fitted to (`fatesim calibrate --plots DIR`).
 
-Three PNG files: `link.png` (transfer time against size, log-log, with the fitted latency + bytes /
+Four PNG files: `link.png` (transfer time against size, log-log, with the fitted latency + bytes /
 bandwidth line), `compute.png` (time against FLOPs for experts, shared MLP and attention, with the
-roofline's prediction for each measured point) and `dequant.png` (measured vs fitted rate per precision).
+roofline's prediction for each measured point), `token_scale.png` (the profile's per-token corrections:
+measured / roofline time against tokens, per operation) and `dequant.png` (measured vs fitted rate per
+precision).
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 def plot_calibration(cal: Calibration, folder: Path) -> list[Path]:
     """Write the fit-against-measurement PNGs of `cal` into `folder`; return their paths."""
-    written = [folder / "link.png", folder / "compute.png", folder / "dequant.png"]
+    written = [folder / "link.png", folder / "compute.png", folder / "token_scale.png", folder / "dequant.png"]
     _plot_link(cal, written[0])
     _plot_compute(cal, written[1])
-    _plot_dequant(cal, written[2])
+    _plot_token_scale(cal, written[2])
+    _plot_dequant(cal, written[3])
     return written
 
 
@@ -56,7 +59,8 @@ def _plot_link(cal: Calibration, path: Path) -> None:
 def _plot_compute(cal: Calibration, path: Path) -> None:
     fig, (ax, rel) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     kinds = [("expert", cal.compute, "C0"), ("mlp", cal.compute, "C1"), ("attention", cal.compute, "C2"),
-             ("cpu_expert", cal.cpu, "C4")]
+             ("cpu_expert", cal.cpu, "C4"), ("expert_int8", cal.compute, "C5"), ("expert_int4", cal.compute, "C6"),
+             ("expert_int2", cal.compute, "C7")]
     for kind, model, color in kinds:
         pts = sorted((p for p in cal.points if p.kind == kind), key=lambda p: p.flops)
         if not pts:
@@ -76,6 +80,18 @@ def _plot_compute(cal: Calibration, path: Path) -> None:
     ax.legend(fontsize=8)
     rel.axhline(0, color="0.5", lw=0.8)
     rel.set(xscale="log", xlabel="FLOPs per operation", ylabel="fit error %")
+    _save(fig, path)
+
+
+def _plot_token_scale(cal: Calibration, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for device, scales, style in (("gpu", cal.profile.gpu_token_scale, "-"), ("cpu", cal.profile.cpu_token_scale, ":")):
+        for i, (name, ratios) in enumerate(scales.columns):
+            ax.plot(scales.tokens, ratios, style, marker="o", ms=3, color=f"C{i}", label=f"[{device}] {name}")
+    ax.axhline(1, color="0.5", lw=0.8)
+    ax.set(xscale="log", xlabel="tokens per operation", ylabel="measured / roofline time",
+           title="per-token corrections to the roofline (the profile's token_scale tables)")
+    ax.legend(fontsize=8)
     _save(fig, path)
 
 

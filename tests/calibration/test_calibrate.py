@@ -46,7 +46,7 @@ def test_profile_loads_and_round_trips(quick_calibration: tuple[Path, Path, floa
 def test_plots_and_points_written(quick_calibration: tuple[Path, Path, float]) -> None:
     """--plots writes one PNG per fitted model and the raw points."""
     plots = quick_calibration[1]
-    for name in ("link.png", "compute.png", "dequant.png", "points.json"):
+    for name in ("link.png", "compute.png", "token_scale.png", "dequant.png", "points.json"):
         assert (plots / name).stat().st_size > 0
     assert (plots / "link.png").read_bytes()[:4] == b"\x89PNG"
 

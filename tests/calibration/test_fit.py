@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from calibration.fit import build_profile, fit_link, fit_rate, fit_roofline, provenance_line
+from calibration.fit import (
+    RooflineFit,
+    build_profile,
+    fit_link,
+    fit_rate,
+    fit_roofline,
+    provenance_line,
+    token_scales,
+)
 from calibration.microbench import Point
 from traces.errors import UserError
 
@@ -142,3 +150,37 @@ def test_attention_shortfall_goes_into_layer_overhead() -> None:
                                   np.array([p.nbytes for p in pts if p.kind == "attention"]))
     excess = [p.seconds - m for p, m in zip([p for p in pts if p.kind == "attention"], model, strict=True)]
     assert cal.attention_shortfall_s == pytest.approx(float(np.median(excess)), rel=1e-6)
+
+
+def test_token_scales_are_measured_over_roofline_on_the_union_of_token_counts() -> None:
+    """Each column is measured / roofline at its own token counts; a column measured at fewer counts is
+    interpolated onto the union in log(tokens), as `TokenScales.factor` reads it."""
+    fit = RooflineFit(matmul_flops_per_s=1e9, memory_bytes_per_s=1e9, kernel_launch_s=0.0, rel_rms_error=0.0)
+
+    def point(kind: str, tokens: int, ratio: float) -> Point:
+        flops = nbytes = 1e6 * tokens  # roofline: tokens milliseconds
+        return Point(kind, tokens, flops, nbytes, ratio * tokens * 1e-3, (ratio * tokens * 1e-3,))
+
+    scales = token_scales(fit, {"expert_bf16": [point("expert", t, r) for t, r in ((1, 1.0), (4, 3.0), (16, 2.0))],
+                                "shared": [point("mlp", t, r) for t, r in ((1, 2.0), (16, 1.0))],
+                                "expert_int4": []})
+    assert scales.tokens == (1, 4, 16)
+    assert dict(scales.columns)["expert_bf16"] == pytest.approx((1.0, 3.0, 2.0))
+    assert dict(scales.columns)["shared"] == pytest.approx((2.0, 1.5, 1.0))
+    assert "expert_int4" not in dict(scales.columns)
+
+
+def test_build_profile_reproduces_every_expert_point() -> None:
+    """With the corrections, the profile's expert time equals each measured expert point (any precision)."""
+    pts = synthetic_points()
+    experts = [p for p in pts if p.kind == "expert"]
+    for p in experts:  # the same expert stored in int4, half as fast at every size
+        pts.append(Point("expert_int4", p.x, p.flops, p.nbytes, 2 * p.seconds, (2 * p.seconds,)))
+    cal = build_profile(pts, name="s", device_kind="cpu", memory_bytes=1, copy_engines=1, description="",
+                        provenance="p")
+    scales = cal.profile.gpu_token_scale
+    for p in experts:
+        roof = float(cal.compute.predict_s(np.array([p.flops]), np.array([p.nbytes]))[0])
+        assert roof * scales.factor("expert_bf16", int(p.x)) == pytest.approx(p.seconds, rel=1e-9)
+        assert roof * scales.factor("expert_int4", int(p.x)) == pytest.approx(2 * p.seconds, rel=1e-9)
+    assert cal.profile.cpu_token_scale.tokens == scales.tokens
