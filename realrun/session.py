@@ -280,6 +280,7 @@ def run_offloaded(model: nn.Module, prompts: Prompts, *, model_name: str, policy
         "peak_expert_bytes": ctl.peak_slots * ctl.slot_bytes, "profile": hw.name, "model": model_name,
         "trace_hash": trace.content_hash() if trace is not None else None,
         "generated": gen.generated,
+        "io": io_observed(engine),
     })
     if trace_out is not None:
         from traces.format import write_trace
@@ -287,6 +288,14 @@ def run_offloaded(model: nn.Module, prompts: Prompts, *, model_name: str, policy
     if timeline is not None:
         write_timeline(engine, run_start, timeline)
     return result, gen
+
+
+def io_observed(engine: OffloadEngine) -> dict[str, float]:
+    """What the slow tier really delivered in this run: finished copies, their bytes and the I/O thread's
+    busy seconds (so `bytes / (busy_s - copies * latency)` is the bandwidth the hardware gave)."""
+    spans = engine.loader.spans
+    return {"copies": len(spans), "bytes": int(sum(copy.nbytes for _, _, copy in spans)),
+            "busy_s": float(engine.loader.busy_s)}
 
 
 def write_timeline(engine: OffloadEngine, origin_at: float, path: Path) -> None:

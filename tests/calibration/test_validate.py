@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from calibration.calibrate import calibrate
-from calibration.validate import format_table, relative_error, summarize, validate_runs
+from calibration.validate import (
+    format_table,
+    observed_link_bandwidth,
+    relative_error,
+    summarize,
+    validate_runs,
+)
 from sim.cli import main
 from traces.errors import UserError
 
@@ -28,10 +34,12 @@ def tiny_setup(tiny_model: tuple[Path, Path], tmp_path_factory: pytest.TempPathF
 
 @pytest.mark.slow
 def test_small_validation_end_to_end(tiny_setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    """Two presets x two budgets: realrun's trace replays; hit rates agree; errors and summary are consistent."""
+    """Two presets x two budgets: realrun's trace replays; hit rates agree; errors and summary are consistent;
+    with link="observed" each run is replayed at the bandwidth its own copies achieved."""
     model, profile, prompts = tiny_setup
     result = validate_runs(profile=str(profile), model=str(model), presets="lru,fate", budgets="30%,60%",
-                           prompts=str(prompts), max_new_tokens=4, num_prompts=2, store_dir=tmp_path)
+                           prompts=str(prompts), max_new_tokens=4, num_prompts=2, store_dir=tmp_path,
+                           link="observed")
     rows = result["rows"]
     assert [(r["preset"], r["budget"]) for r in rows] == [("lru", "30%"), ("lru", "60%"), ("fate", "30%"),
                                                          ("fate", "60%")]
@@ -44,6 +52,11 @@ def test_small_validation_end_to_end(tiny_setup: tuple[Path, Path, Path], tmp_pa
     for r in lru:  # same routing, same controller, no prediction: the caches hit exactly alike
         assert r["hit_rate"]["simulated"] == pytest.approx(r["hit_rate"]["measured"], abs=1e-12)
     assert lru[1]["hit_rate"]["measured"] >= lru[0]["hit_rate"]["measured"]
+    assert result["link"] == "observed"
+    assert all(r["observed_link_bytes_per_s"] for r in lru)  # lru misses are loaded: there were copies
+    for r in rows:
+        if r["observed_link_bytes_per_s"] is not None:
+            assert r["simulated_link_bytes_per_s"] == r["observed_link_bytes_per_s"]
     s = result["summary"]
     pooled = sorted(abs(r[k]["relative_error"]) for r in rows for k in ("prefill_tokens_per_s",
                                                                         "decode_tokens_per_s", "hit_rate"))
@@ -63,12 +76,19 @@ def test_summary_and_relative_error() -> None:
     assert relative_error(11.0, 10.0) == pytest.approx(0.1) and relative_error(0.0, 0.0) == 0.0
 
 
+def test_observed_link_bandwidth() -> None:
+    """bytes / (busy - copies x latency); nothing copied gives None."""
+    assert observed_link_bandwidth({"copies": 4, "bytes": 4e9, "busy_s": 2.0 + 4 * 1e-3}, 1e-3) == pytest.approx(2e9)
+    assert observed_link_bandwidth({"copies": 0, "bytes": 0, "busy_s": 0.0}, 1e-3) is None
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(presets="lod,nosuch"), "nosuch"),
     (dict(budgets=" , "), "--budgets"),
     (dict(max_error=0.0), "--max-error"),
     (dict(max_new_tokens=1), "--max-new-tokens"),
     (dict(device="cuda"), "cpu device"),
+    (dict(link="psychic"), "--link"),
 ])
 def test_bad_input_is_a_user_error(tiny_setup: tuple[Path, Path, Path], kwargs: dict, message: str) -> None:
     """Unknown presets, empty lists, bad thresholds and a profile of another device kind are refused."""
