@@ -174,11 +174,10 @@ class DiskReader:
     """O_DIRECT reads of aligned extents of a scratch file into realrun's own slot buffers: what realrun's
     disk tier does per expert.
 
-    The destination matters as much as the file: realrun's slots are private anonymous mappings
-    (`realrun.store.aligned_buffer`), which the kernel backs with transparent huge pages, and a virtio disk
-    then moves a 34.6 MB record 2-3x faster than into a shared mapping of 4 KiB pages (measured here:
-    about 1.0 GB/s into `mmap.mmap(-1, n)`, 2.4-3.1 GB/s into `aligned_buffer`). Reads rotate over a few
-    such buffers, written once beforehand, as realrun's slots are.
+    The buffers are `realrun.store.aligned_buffer`s (private anonymous mappings), written once beforehand
+    and used in rotation, as realrun's slots are. (Interleaved reads of 34.6 MB into these and into a
+    shared `mmap.mmap(-1, n)`: 2.61 vs 2.33 GB/s on this VM, whose disk itself drifts between 1.0 and
+    3.1 GB/s within minutes.)
     """
 
     BUFFERS = 4
