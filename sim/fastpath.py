@@ -34,7 +34,8 @@ def replay_lod(workload: Workload, ctl: OffloadController, costs: CostModel) -> 
     router_s = costs.hw.gpu.kernel_launch_s
     slots = ctl.slots_per_layer
     st = ctl.stats
-    routed_per_layer = st["routed_per_layer"]  # hits stay 0: nothing is resident when routed
+    routed_per_layer = st["routed_per_layer"]  # hits stay 0: nothing is resident when routed; the totals
+    # (misses, routed_predictable) are summed from these per-layer counts when `ctl.stats` is read
     occupied = [0] * len(slots)
     total_occupied = peak = 0
     now = link_free = stall = busy = 0.0
@@ -54,8 +55,6 @@ def replay_lod(workload: Workload, ctl: OffloadController, costs: CostModel) -> 
             m = len(counts_list)
             routed += m
             routed_per_layer[layer] += m
-            if layer:
-                st["routed_predictable"] += m
             s = slots[layer]
             total_occupied += min(m, s) - occupied[layer]
             occupied[layer] = min(m, s)
@@ -78,7 +77,6 @@ def replay_lod(workload: Workload, ctl: OffloadController, costs: CostModel) -> 
             if shared_s:
                 now += shared_s
         ends.append(now)
-    st["misses"] += routed
     st["evictions"] += evictions
     st["bytes_on_demand"] += routed * nbytes
     ctl.occupied_slots = total_occupied

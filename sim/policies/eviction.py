@@ -167,27 +167,33 @@ class ARC:
 
     def victim_where(self, evictable: Callable[[int], bool], incoming: int | None, step: int) -> int | None:
         """`victim` among the experts `evictable` accepts, or None (see LRU.victim_where)."""
-        p = self._adapted_p(incoming)
-        t1_first = len(self.t1) > 0 and (len(self.t1) > p or (incoming in self.b2 and len(self.t1) == p))
-        lists = (self.t1, self.t2) if t1_first else (self.t2, self.t1)
-        for lst in lists:
-            for expert in lst:
-                if evictable(expert):
-                    return expert
+        t1, t2 = self.t1, self.t2
+        n1 = len(t1)
+        # Speed: an on-demand load (incoming None) is in no ghost list, so p needs no adapting.
+        p = self.p if incoming is None else self._adapted_p(incoming)
+        if n1 and (n1 > p or (n1 == p and incoming in self.b2)):
+            t1, t2 = t2, t1  # now t2 is searched first
+        for expert in t2:
+            if evictable(expert):
+                return expert
+        for expert in t1:
+            if evictable(expert):
+                return expert
         return None
 
     def on_insert(self, expert: int, step: int) -> None:
-        self.p = self._adapted_p(expert)
-        if expert in self.b1 or expert in self.b2:
-            self.b1.pop(expert, None)
-            self.b2.pop(expert, None)
+        b1, b2 = self.b1, self.b2
+        if expert in b1:  # a ghost hit: adapt p (as `_adapted_p`), promote to the frequent list
+            self.p = min(float(self.c), self.p + max(len(b2) / len(b1), 1.0))
+            del b1[expert]
+            self.t2[expert] = None
+        elif expert in b2:
+            self.p = max(0.0, self.p - max(len(b1) / len(b2), 1.0))
+            del b2[expert]
             self.t2[expert] = None
         else:
             self.t1[expert] = None
-        while len(self.t1) + len(self.b1) > self.c and self.b1:
-            self.b1.popitem(last=False)
-        while len(self.t1) + len(self.t2) + len(self.b1) + len(self.b2) > 2 * self.c and self.b2:
-            self.b2.popitem(last=False)
+        self._trim_ghosts()
 
     def on_access(self, expert: int, step: int) -> None:
         self.t1.pop(expert, None)
@@ -213,10 +219,15 @@ class ARC:
         elif expert in self.t2:
             del self.t2[expert]
             self.b2[expert] = None
-        while len(self.t1) + len(self.b1) > self.c and self.b1:
-            self.b1.popitem(last=False)
-        while len(self.t1) + len(self.t2) + len(self.b1) + len(self.b2) > 2 * self.c and self.b2:
-            self.b2.popitem(last=False)
+        self._trim_ghosts()
+
+    def _trim_ghosts(self) -> None:
+        """Forget the oldest ghosts while |T1| + |B1| > c or all four lists hold more than 2c."""
+        t1, b1, b2, c = self.t1, self.b1, self.b2, self.c
+        while b1 and len(t1) + len(b1) > c:
+            b1.popitem(False)
+        while b2 and len(t1) + len(self.t2) + len(b1) + len(b2) > 2 * c:
+            b2.popitem(False)
 
 
 class _NoBookkeeping:

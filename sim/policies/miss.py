@@ -20,7 +20,8 @@ MISSES = ("wait", "cpu", "speculated", "lowbit")
 
 
 class MissPlan(NamedTuple):
-    """How one layer step's misses are served (a tuple: built on every layer step with a miss)."""
+    """How one layer step's misses are served (a tuple: built on every layer step with a miss; `resolve`
+    makes it with tuple.__new__, skipping the NamedTuple's Python-level constructor, ~0.4 µs)."""
 
     load: list[int]
     """Misses to load on demand."""
@@ -28,6 +29,9 @@ class MissPlan(NamedTuple):
     """Misses computed on the CPU."""
     substitutions: list[tuple[int, int]]
     """(routed expert, speculated expert computed in its place)."""
+
+
+_new_plan = tuple.__new__
 
 
 @dataclass(frozen=True)
@@ -39,12 +43,12 @@ class MissPolicy:
     def resolve(self, misses: list[int], spare_speculated: list[int]) -> MissPlan:
         """Split `misses` into loads, CPU work and substitutions by spare speculated experts."""
         if self.name == "cpu":
-            return MissPlan(load=[], cpu=list(misses), substitutions=[])
+            return _new_plan(MissPlan, ([], list(misses), []))
         if self.name == "speculated":
             n = min(len(misses), len(spare_speculated))
             subs = list(zip(misses[:n], spare_speculated[:n], strict=True))
-            return MissPlan(load=list(misses[n:]), cpu=[], substitutions=subs)
-        return MissPlan(load=list(misses), cpu=[], substitutions=[])
+            return _new_plan(MissPlan, (list(misses[n:]), [], subs))
+        return _new_plan(MissPlan, (list(misses), [], []))
 
     def loads_on_miss(self) -> bool:
         """Whether misses may ever be loaded (cpu never loads)."""
