@@ -32,7 +32,7 @@ import simpy
 
 from sim.costs import CostModel
 from sim.link import DEMAND, PREFETCH, Link
-from sim.policies.controller import OffloadController, Transfer
+from sim.policies.controller import DONE, OffloadController, Transfer
 from sim.policies.prediction import NEEDS_LOOKAHEAD, Signals
 from sim.workload import RANK_DEPTH, Step, Workload
 
@@ -147,15 +147,15 @@ class Engine:
                 return decode_ids[step.token_start].tolist(), [self._ones] * len(routes)
         return [ids.tolist() for ids, _ in routes], [counts.tolist() for _, counts in routes]
 
-    def _step_ranking(self, step: Step) -> tuple[list, list]:
-        """Look-ahead rankings of a decode step, [L][D][m] lists of experts and probabilities.
+    def _step_ranking(self, step: Step) -> list[tuple[list, list]]:
+        """Look-ahead rankings of a decode step: per layer, ([D][m] experts, [D][m] probabilities) as lists.
 
         Speed: one conversion per step, cut to the `prediction_limit` candidates a decode prediction can
         use (the predictors slice to at most that), so ~8x fewer floats become Python objects."""
         ids, probs = self.rank
         t = step.token_start
         m = self.ctl.prediction_limit
-        return (ids[:, t, :, :m].transpose(1, 0, 2).tolist(), probs[:, t, :, :m].transpose(1, 0, 2).tolist())
+        return list(zip(ids[:, t, :, :m].transpose(1, 0, 2).tolist(), probs[:, t, :, :m].transpose(1, 0, 2).tolist()))
 
     # --- the GPU stream ------------------------------------------------------------------------------
     def gpu_stream(self, sync: bool = True) -> Iterator[float]:
@@ -168,13 +168,14 @@ class Engine:
         rank = self.rank
         predicts = self.predicts
         signals = Signals(0, "decode", 1)  # refilled per layer; predictors do not keep it
-        # Speed: bound methods and costs hoisted out of the per-layer loop (each lookup ~50 ns, ~20 per layer).
+        # Speed: bound methods, costs and the predictor thread's busy-until kept in locals for the per-layer
+        # loop (each attribute lookup ~50 ns, ~20 per layer).
         expert_s, cpu_expert_s = _ExpertTimes(costs.expert_s), costs.cpu_expert_s
-        self._expert_times = expert_s
         on_gate_input, on_route, post = ctl.on_gate_input, ctl.on_route, self._post_prefetches
         router_s = costs.hw.gpu.kernel_launch_s
         closed_form = post == self._post_closed_form and not self.reference
         predictor_latency_s = self.predictor_latency_s
+        cpu_free_at = self.cpu_free_at
         step_start_at, step_end_at = self.step_start_at, self.step_end_at
         now = 0.0
         for step in self.workload.steps:
@@ -187,7 +188,7 @@ class Engine:
             ranked = rank is not None and n == 1 and predicts
             if ranked:
                 signals.lookahead_probs = None
-                step_ids, step_probs = self._step_ranking(step)
+                ranks = self._step_ranking(step)
             ids_rows, counts_rows = self._step_routes(step)
             step_start_at.append(now)
             t0 = step.token_start
@@ -202,13 +203,13 @@ class Engine:
                     link.advance(now)
                 if predicts:
                     if ranked:
-                        signals.lookahead_rank = (step_ids[layer], step_probs[layer])
+                        signals.lookahead_rank = ranks[layer]
                     elif probs is not None:
                         signals.lookahead_probs = probs[:, t0:t0 + n, layer, :]
                     prefetches = on_gate_input(layer, signals)
                     if closed_form:  # the CPU predictor thread in closed form, inline (one call fewer per layer)
-                        start = self.cpu_free_at if self.cpu_free_at >= now else now
-                        self.cpu_free_at = done = start + predictor_latency_s
+                        start = cpu_free_at if cpu_free_at >= now else now
+                        cpu_free_at = done = start + predictor_latency_s
                         if prefetches or record:
                             self._submit_prefetches(start, done, prefetches)
                     else:
@@ -231,17 +232,21 @@ class Engine:
                     if record:
                         self.cpu_spans.append((f"cpu expert {expert}", start, cpu_done, {"layer": layer}))
                 # GPU work in plan order: hits, substitutes, then loads, each on-demand load posted once the
-                # slot it reuses is free. Speed: no sub-generators here (one per layer step and per stall
-                # cost ~1 µs each); helpers are plain functions and only this loop yields.
-                loads, posted, ready = plan.loads, 0, route_at
-                n_loads = len(loads)
-                compute_end: dict[int, float] = {}
+                # slot it reuses is free. Speed: no sub-generators or helper calls here but for posting loads
+                # (one per layer step and per stall cost ~1 µs each); only this loop yields.
+                loads = plan.loads
+                n_loads = posted = 0
+                if loads:
+                    n_loads, ready, compute_end = len(loads), route_at, {}
                 for expert, tokens, precision, t in plan.gpu_work:
                     if posted < n_loads:
                         posted, ready = self._post_loads(loads, posted, ready, compute_end)
-                    if t is not None and t.state != "done":
-                        arrive = self._stall_until(t, now, layer, expert)
+                    if t is not None and t.state is not DONE:  # in flight: wait for its bytes
+                        arrive = t.end_at if t.start_at >= 0.0 else link.end_of(t)
                         if arrive > now:
+                            if record:
+                                self.gpu_spans.append(("stall", now, arrive, {"layer": layer, "expert": expert}))
+                            self.stall_s += arrive - now
                             now = arrive
                             if sync:
                                 yield now
@@ -264,16 +269,8 @@ class Engine:
                 if sync:
                     yield now
             step_end_at.append(now)
-
-    def _stall_until(self, t: Transfer, now: float, layer: int, expert: int) -> float:
-        """When the GPU stream, at `now`, may compute with `t`'s bytes: `t`'s landing if later (a stall)."""
-        arrive = self.link.end_of(t)
-        if arrive <= now:
-            return now
-        if self.record:
-            self.gpu_spans.append(("stall", now, arrive, {"layer": layer, "expert": expert}))
-        self.stall_s += arrive - now
-        return arrive
+        if closed_form:
+            self.cpu_free_at = cpu_free_at
 
     def _post_loads(self, loads: list[Transfer], posted: int, ready: float,
                     compute_end: dict[int, float]) -> tuple[int, float]:

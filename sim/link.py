@@ -35,9 +35,7 @@ class Link:
         self.on_start = on_start
         self.on_done = on_done
         self.queue: list[list] = []
-        """Queued transfers: [priority, ready_at, seq, transfer]."""
-        self.entry: dict[int, list] = {}
-        """id(transfer) -> its queue entry."""
+        """Queued transfers: [priority, ready_at, seq, transfer] (a few at a time: found by scanning)."""
         self.promoted: set[int] = set()
         """ids of transfers promoted to on-demand before being submitted."""
         self.in_flight: list[tuple[float, int, Transfer]] = []
@@ -55,22 +53,26 @@ class Link:
         """Queue `t`; it may start from `ready_at` on. A cancelled transfer is ignored."""
         if t.state == CANCELLED:
             return
-        if id(t) in self.promoted:
+        if self.promoted and id(t) in self.promoted:
             priority = DEMAND
         self.seq += 1
-        entry = [priority, ready_at, self.seq, t]
-        self.queue.append(entry)
-        self.entry[id(t)] = entry
+        self.queue.append([priority, ready_at, self.seq, t])
+
+    def _entry(self, t: Transfer) -> list | None:
+        for entry in self.queue:
+            if entry[3] is t:
+                return entry
+        return None
 
     def cancel(self, t: Transfer) -> None:
         """Drop a queued (not started) transfer."""
-        entry = self.entry.pop(id(t), None)
+        entry = self._entry(t)
         if entry is not None:
             self.queue.remove(entry)
 
     def promote(self, t: Transfer) -> None:
         """A queued prefetch is now needed by the running layer: serve it as an on-demand load."""
-        entry = self.entry.get(id(t))
+        entry = self._entry(t)
         if entry is None:
             self.promoted.add(id(t))
         else:
@@ -87,17 +89,27 @@ class Link:
         else:
             start = min(free_at)
             engine = free_at.index(start)
-        if len(queue) == 1:  # the usual case: one transfer waiting; it starts when both it and the engine are
-            best = queue[0]
-            if best[1] > start:
-                start = best[1]
-        else:
-            best = self._pick(queue, start)
-            if best[1] > start:
-                start = best[1]
+        # the usual case: one transfer waiting; it starts when both it and the engine are free
+        best = queue[0] if len(queue) == 1 else self._pick(queue, start)
+        if best[1] > start:
+            start = best[1]
         if start >= until:
             return False
-        return self._start(best, engine, start)
+        queue.remove(best)
+        t = best[3]
+        if self.promoted:
+            self.promoted.discard(id(t))
+        duration = self.duration_s(t.nbytes)
+        end = start + duration
+        free_at[engine] = end
+        self.busy_s += duration
+        t.start_at, t.end_at = start, end
+        self.started.append(t)
+        if self.record:
+            self.spans.append((engine, start, end, t))
+        self.on_start(t)
+        heapq.heappush(self.in_flight, (end, best[2], t))
+        return True
 
     @staticmethod
     def _pick(queue: list[list], start: float) -> list:
@@ -118,35 +130,13 @@ class Link:
                     best = entry
         return best
 
-    def _start(self, best: list, engine: int, start: float) -> bool:
-        """Start queue entry `best` on `engine` at `start`."""
-        self.queue.remove(best)
-        t = best[3]
-        del self.entry[id(t)]
-        if self.promoted:
-            self.promoted.discard(id(t))
-        duration = self.duration_s(t.nbytes)
-        end = start + duration
-        self.free_at[engine] = end
-        self.busy_s += duration
-        t.start_at, t.end_at = start, end
-        self.started.append(t)
-        if self.record:
-            self.spans.append((engine, start, end, t))
-        self.on_start(t)
-        heapq.heappush(self.in_flight, (end, best[2], t))
-        return True
-
-    def _land(self, until: float) -> None:
-        in_flight = self.in_flight
-        while in_flight and in_flight[0][0] <= until:
-            self.on_done(heapq.heappop(in_flight)[2])
-
     def advance(self, until: float) -> None:
         """Start every transfer that starts before `until` and report those landed by `until`."""
         while self._start_next(until):
             pass
-        self._land(until)
+        in_flight, on_done, pop = self.in_flight, self.on_done, heapq.heappop
+        while in_flight and in_flight[0][0] <= until:
+            on_done(pop(in_flight)[2])
 
     def end_of(self, t: Transfer) -> float:
         """When `t` lands, starting queued transfers in order until it has started."""
