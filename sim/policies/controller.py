@@ -25,7 +25,7 @@ No simpy, no torch: realrun imports this module.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -160,6 +160,7 @@ class OffloadController:
         self.expert_budget_bytes = int(expert_budget_bytes)
         num_layers, num_experts, top_k = spec.num_moe_layers, spec.num_experts, spec.top_k
         self.num_layers = num_layers
+        self._num_experts = num_experts
         self.precision = PrecisionPolicy(policy.precision, policy.int2_rate)
         self.miss = MissPolicy(policy.miss, policy.miss_precision)
         stored = self.precision.storage_precisions()
@@ -175,7 +176,7 @@ class OffloadController:
                          top_k=top_k, shallow_layers=policy.shallow_layers, popularity=popularity, reserve=reserve)
         self.slots_per_layer: list[int] = list(alloc.slots_per_layer)
         """Expert slots of each MoE layer; sum * slot_bytes <= expert_budget_bytes."""
-        self.caches = [_LayerCache(s, make_eviction(policy.eviction, s, layer, future))
+        self.caches = [_LayerCache(s, make_eviction(policy.eviction, s, layer, future, num_experts))
                        for layer, s in enumerate(self.slots_per_layer)]
         costs = CostModel(spec, hw)
         self.prefetch = PrefetchPolicy(
@@ -187,6 +188,8 @@ class OffloadController:
         self.predictor = make_predictor(policy.prediction, num_layers=num_layers, num_experts=num_experts,
                                         top_k=top_k, depth=policy.lookahead, eap_history=policy.eap_history,
                                         limit=limit, future=future, score_fn=score_fn)
+        self._predict, self._select = self.predictor.predict, self.prefetch.select_layer
+        """Bound once: on_gate_input runs on every layer step."""
         self._bytes = {p: spec.expert_bytes(p) for p in ("bf16", "int8", "int4", "int2")}
         """Bytes of one expert in each precision."""
         self._max_slots = self.expert_budget_bytes // self.slot_bytes
@@ -255,15 +258,15 @@ class OffloadController:
     def on_gate_input(self, layer: int, signals: Signals) -> list[Transfer]:
         """Layer `layer`'s gate input exists: predict the layers ahead and return the prefetches to issue."""
         if self._no_prefetch:
-            return []
-        phase, select = self.phase, self.prefetch.select_layer
-        out: list[Transfer] = []
+            return NO_ITEMS
+        phase, select, caches = self.phase, self._select, self.caches
+        out: list[Transfer] = NO_ITEMS
         # One prediction per layer ahead (distinct targets), so the picks need no grouping by layer.
-        for target, experts, scores in self.predictor.predict(layer, signals):
+        for target, experts, scores in self._predict(layer, signals):
             experts, scores = select(experts, scores, phase)
             if not experts:
                 continue
-            cache = self.caches[target]
+            cache = caches[target]
             resident = cache.resident
             cache.selected.update(experts)
             for e in experts:
@@ -271,19 +274,28 @@ class OffloadController:
                     break
             else:  # the common decode case: every pick already resident or in flight
                 continue
-            wanted = set(experts)
-            items = [(e, s) for e, s in zip(experts, scores, strict=True) if e not in resident]
-            precisions = self.precision.assign(phase, [e for e, _ in items], [s for _, s in items])
-            for (expert, score), precision in zip(items, precisions, strict=True):
-                slot = self._free_slot(cache, target, wanted, expert)
-                if slot is None:
-                    break
-                t = self._insert(cache, target, expert, precision, "prefetch", slot, score)
-                cache.pending[expert] = t
-                out.append(t)
+            if out is NO_ITEMS:
+                out = []
+            self._prefetch_into(cache, target, experts, scores, out)
         if out:
             self._stats["prefetches_issued"] += len(out)
         return out
+
+    def _prefetch_into(self, cache: _LayerCache, target: int, experts: Sequence[int], scores: Sequence[float],
+                       out: list[Transfer]) -> None:
+        """Prefetch the picks for layer `target` that are not resident, best first, while slots can be freed;
+        append their transfers to `out`."""
+        resident = cache.resident
+        wanted = set(experts)
+        items = [(e, s) for e, s in zip(experts, scores, strict=True) if e not in resident]
+        precisions = self.precision.assign(self.phase, [e for e, _ in items], [s for _, s in items])
+        for (expert, score), precision in zip(items, precisions, strict=True):
+            slot = self._free_slot(cache, target, wanted, expert)
+            if slot is None:
+                break
+            t = self._insert(cache, target, expert, precision, "prefetch", slot, score)
+            cache.pending[expert] = t
+            out.append(t)
 
     def on_route(self, layer: int, routed_ids: np.ndarray | list[int],
                  token_counts: np.ndarray | list[int]) -> LayerPlan:
@@ -312,6 +324,7 @@ class OffloadController:
             st["prefetch_selected"] += len(selected)
             st["prefetch_covered"] += len(selected.intersection(ids))
             selected.clear()
+        self._routed_per_layer[layer] += n_ids
         # Speed: plain loops, not comprehensions, on the per-layer path (Python 3.11 builds a function object
         # per comprehension, ~0.3 µs, more than the 4-expert loop itself); the expert -> tokens dict is built
         # only when a layer step misses.
@@ -325,7 +338,6 @@ class OffloadController:
                 work.append((e, n, t.precision, None if t.state is DONE else t))
         n_hits = len(hits)
         self._hits_per_layer[layer] += n_hits
-        self._routed_per_layer[layer] += n_ids
         if hits:
             cache.policy.on_access_many(hits, self.step)
             plan.hits = hits

@@ -273,11 +273,28 @@ class NoReuse(_NoBookkeeping):
         return min(candidates)
 
 
-EvictionPolicy = LRU | LFU | ARC | Belady | NoReuse
+class NeverEvicts(_NoBookkeeping):
+    """Stands in for any policy in a layer whose slots hold every expert: a victim is never needed there,
+    so no bookkeeping is kept (speed: ARC's on every hit and insert)."""
+
+    name = "never"
+
+    def __init__(self, capacity: int) -> None:
+        pass
+
+    def victim(self, candidates: set[int], incoming: int | None, step: int) -> int:
+        raise AssertionError("a layer with a slot for every expert never evicts")
 
 
-def make_eviction(name: str, capacity: int, layer: int, future: FutureAccess | None) -> EvictionPolicy:
-    """The eviction policy `name` for one layer of `capacity` slots."""
+EvictionPolicy = LRU | LFU | ARC | Belady | NoReuse | NeverEvicts
+
+
+def make_eviction(name: str, capacity: int, layer: int, future: FutureAccess | None,
+                  num_experts: int | None = None) -> EvictionPolicy:
+    """The eviction policy `name` for one layer of `capacity` slots (`NeverEvicts` where the capacity holds
+    all `num_experts` experts, as every policy then never picks a victim)."""
+    if num_experts is not None and capacity >= num_experts:
+        return NeverEvicts(capacity)
     if name == "lru":
         return LRU(capacity)
     if name == "none":

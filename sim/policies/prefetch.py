@@ -50,15 +50,16 @@ class PrefetchPolicy:
     def select_layer(self, experts: Sequence[int], scores: Sequence[float],
                      phase: str) -> tuple[Sequence[int], Sequence[float]]:
         """The experts (and scores) to prefetch of one layer's prediction, best first."""
-        if self.name == "none":
-            return (), ()
-        if self.name == "topk":
-            count = self.prefetch_count
-        elif self.name == "fate" and phase == "decode":
+        name = self.name
+        if name == "fate" and phase == "decode":  # first: it runs on every decode layer step under fate
             count = self.fate_decode_count
             if self.confidence > 0.0:
                 keep = [i for i, s in enumerate(scores) if s >= self.confidence][:count]
                 return [experts[i] for i in keep], [scores[i] for i in keep]
+        elif name == "topk":
+            count = self.prefetch_count
+        elif name == "none":
+            return (), ()
         else:
             count = len(experts)
         return experts[:count], scores[:count]

@@ -1,8 +1,9 @@
 """The engine's and controller's speed paths against their plain references: identical results.
 
 The fast loop (whole-step list conversion, pre-sorted rankings, inline predictor thread, expert-time
-tables) and the controller's set-free victim search (`victim_where`) are what make cache and prefetch
-presets replay quickly; each is checked here against the plain path it replaces, for every preset.
+tables), the controller's set-free victim search (`victim_where`) and its skipping of eviction bookkeeping
+in layers that hold every expert are what make cache and prefetch presets replay quickly; each is checked
+here against the plain path it replaces, for every preset.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from sim.costs import CostModel
 from sim.engine import Engine
 from sim.hardware import load_profile
 from sim.policies.controller import OffloadController
-from sim.policies.eviction import ARC, LRU
+from sim.policies.eviction import ARC, LRU, make_eviction
 from sim.policies.presets import PRESETS, build_policy
 from sim.replay import load, resolve_spec
 from sim.synthetic import synthetic_trace
@@ -48,8 +49,12 @@ def _run(loaded, policy: str, budget: str, *, reference: bool):
     ctl = OffloadController(spec, build_policy(policy), expert_budget, hw=hw, future=workload.future,
                             popularity=workload.popularity)
     if reference:
-        for cache in ctl.caches:
-            cache.policy = _SetsOnly(cache.policy)
+        for layer, cache in enumerate(ctl.caches):
+            # the preset's own policy even where a layer holds every expert (the controller skips it there)
+            own = make_eviction(ctl.policy.eviction, cache.slots, layer, workload.future)
+            for expert in cache.resident:  # pinned at construction
+                own.on_insert(expert, 0)
+            cache.policy = _SetsOnly(own)
     out = Engine(workload, ctl, CostModel(spec, hw), reference=reference).run()
     return (out.step_start_at, out.step_end_at, out.gpu_stall_s, out.makespan_s, out.link_busy_s, ctl.stats,
             ctl.peak_slots, ctl.occupied_slots)
