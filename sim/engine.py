@@ -140,11 +140,9 @@ class Engine:
         routes = step.routes
         if self.reference:  # numpy arrays, as realrun passes them: the controller converts each layer
             return [ids for ids, _ in routes], [counts for _, counts in routes]
-        decode_ids = self.workload.decode_ids
-        if step.num_tokens == 1 and decode_ids is not None:
-            k = self._ones.__len__()
-            if all(len(ids) == k for ids, _ in routes):
-                return decode_ids[step.token_start].tolist(), [self._ones] * len(routes)
+        workload = self.workload
+        if step.num_tokens == 1 and workload.decode_ids is not None and workload.decode_distinct[step.token_start]:
+            return workload.decode_ids[step.token_start].tolist(), [self._ones] * len(routes)
         return [ids.tolist() for ids, _ in routes], [counts.tolist() for _, counts in routes]
 
     def _step_ranking(self, step: Step) -> list[tuple[list, list]]:
@@ -176,12 +174,15 @@ class Engine:
         closed_form = post == self._post_closed_form and not self.reference
         predictor_latency_s = self.predictor_latency_s
         cpu_free_at = self.cpu_free_at
+        shared_by_tokens: dict[int, float] = {}  # costs.shared_s is not memoised; decode steps repeat n = 1
         step_start_at, step_end_at = self.step_start_at, self.step_end_at
         now = 0.0
         for step in self.workload.steps:
             n = step.num_tokens
             attn_s = costs.attention_s(n, step.context)
-            shared_s = costs.shared_s(n)
+            shared_s = shared_by_tokens.get(n)
+            if shared_s is None:
+                shared_by_tokens[n] = shared_s = costs.shared_s(n)
             ctl.start_forward(step.index, step.phase, n)
             signals.step, signals.phase, signals.num_tokens = step.index, step.phase, n
             signals.lookahead_rank = None

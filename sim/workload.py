@@ -57,6 +57,9 @@ class Workload:
     """[T, L, k] int64 routed experts of each position, ascending: where a decode token's k experts are
     distinct (always, for real routers) its routes are this row, so the engine converts a whole step to
     Python lists with one `tolist()` instead of one per layer."""
+    decode_distinct: np.ndarray | None = None
+    """[T] bool: whether the position's k experts are distinct in every layer (its row of `decode_ids` is
+    then its decode routes)."""
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -111,5 +114,6 @@ def build_workload(trace) -> Workload:
         order = np.argsort(-probs, axis=-1, kind="stable")[..., :RANK_DEPTH]  # [D, T, L, m]
         rank = (order.astype(np.int16), np.take_along_axis(probs, order, axis=-1))
     future = FutureAccess([s.routes for s in steps], num_layers)
+    distinct = (np.diff(decode_sorted, axis=2) != 0).all(axis=(1, 2))
     return Workload(tuple(steps), num_layers, num_experts, int(topk.shape[2]), popularity, probs, rank, future,
-                    max_context, decode_sorted)
+                    max_context, decode_sorted, distinct)

@@ -202,6 +202,8 @@ class OffloadController:
         self.phase = "decode"
         self._load_precision = self._uniform_load_precision()
         """Precision of every on-demand load in this forward step, or None when it depends on the experts."""
+        self._prefetch_precision = self.precision.uniform(self.phase)
+        """Precision of every prefetch in this forward step, or None when it depends on the experts."""
         self.occupied_slots = 0
         self.peak_slots = 0
         """Most slots ever occupied at once (queued, in flight or resident)."""
@@ -235,6 +237,7 @@ class OffloadController:
         self.step = step
         self.phase = phase
         self._load_precision = self._uniform_load_precision()
+        self._prefetch_precision = self.precision.uniform(phase)
         self.predictor.begin_step(step, phase)
 
     def _uniform_load_precision(self) -> str | None:
@@ -286,14 +289,19 @@ class OffloadController:
         """Prefetch the picks for layer `target` that are not resident, best first, while slots can be freed;
         append their transfers to `out`."""
         resident = cache.resident
-        wanted = set(experts)
-        items = [(e, s) for e, s in zip(experts, scores, strict=True) if e not in resident]
-        precisions = self.precision.assign(self.phase, [e for e, _ in items], [s for _, s in items])
-        for (expert, score), precision in zip(items, precisions, strict=True):
+        wanted = set(experts)  # victims are never picks, so which picks are resident stays as it is now
+        fixed = self._prefetch_precision
+        if fixed is None:  # fate-hybrid in prefill: by the predicted token counts of the picks to fetch
+            items = [(e, s) for e, s in zip(experts, scores, strict=True) if e not in resident]
+            precisions = self.precision.assign(self.phase, [e for e, _ in items], [s for _, s in items])
+            by_expert = dict(zip([e for e, _ in items], precisions, strict=True))
+        for expert, score in zip(experts, scores, strict=True):
+            if expert in resident:
+                continue
             slot = self._free_slot(cache, target, wanted, expert)
             if slot is None:
                 break
-            t = self._insert(cache, target, expert, precision, "prefetch", slot, score)
+            t = self._insert(cache, target, expert, fixed or by_expert[expert], "prefetch", slot, score)
             cache.pending[expert] = t
             out.append(t)
 
