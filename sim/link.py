@@ -132,7 +132,8 @@ class Link:
 
     def advance(self, until: float) -> None:
         """Start every transfer that starts before `until` and report those landed by `until`."""
-        while self._start_next(until):
+        queue = self.queue
+        while queue and self._start_next(until):
             pass
         in_flight, on_done, pop = self.in_flight, self.on_done, heapq.heappop
         while in_flight and in_flight[0][0] <= until:

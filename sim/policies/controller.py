@@ -336,18 +336,18 @@ class OffloadController:
         # Speed: plain loops, not comprehensions, on the per-layer path (Python 3.11 builds a function object
         # per comprehension, ~0.3 µs, more than the 4-expert loop itself); the expert -> tokens dict is built
         # only when a layer step misses.
-        hits: list[int] = []
         work = plan.gpu_work
         get = resident.get
         for e, n in zip(ids, tokens):  # lengths checked above
             t = get(e)
             if t is not None:
-                hits.append(e)
                 work.append((e, n, t.precision, None if t.state is DONE else t))
-        n_hits = len(hits)
+        n_hits = len(work)  # so far the work is the hits
         self._hits_per_layer[layer] += n_hits
-        if hits:
-            cache.policy.on_access_many(hits, self.step)
+        if n_hits:
+            hits = list(ids) if n_hits == n_ids else [w[0] for w in work]
+            if cache.policy.records_accesses:
+                cache.policy.on_access_many(hits, self.step)
             plan.hits = hits
         if n_hits < n_ids:
             misses = []
@@ -454,13 +454,12 @@ class OffloadController:
         if cache.free:
             return cache.free.pop()
         resident, pinned, policy = cache.resident, cache.pinned, cache.policy
-        if hasattr(policy, "victim_where"):  # scans its own order: no candidate set to build (see LRU)
-            def evictable(e: int) -> bool:
-                t = resident.get(e)
-                return t is not None and t.state == DONE and e not in protected and e not in pinned
-
-            victim = policy.victim_where(evictable, incoming, self.step)
-            if victim is None:
+        if hasattr(policy, "preference"):  # scans the policy's order: no candidate set to build (see LRU)
+            for victim in policy.preference(incoming):
+                t = resident.get(victim)
+                if t is not None and t.state is DONE and victim not in protected and victim not in pinned:
+                    break
+            else:
                 return None
         else:
             candidates = {e for e, t in resident.items() if t.state == DONE and e not in protected and e not in pinned}
@@ -479,18 +478,19 @@ class OffloadController:
         # In use: the plan's GPU work so far, i.e. routed experts plus speculated substitutes.
         busy = {s for _, s in plan.substitutions} if plan.substitutions else ()
         resident, pinned, policy = cache.resident, cache.pinned, cache.policy
-        if hasattr(policy, "victim_where"):  # scans its own order: no candidate sets to build (see LRU)
-            def landed(e: int) -> bool:
+        if hasattr(policy, "preference"):  # scans the policy's order: no candidate sets to build (see LRU)
+            victim = None
+            for e in policy.preference(None):  # landed experts first
                 t = resident.get(e)
-                return (t is not None and t.state is DONE and e not in routed and e not in pinned
-                        and e not in busy)
-
-            victim = policy.victim_where(landed, None, self.step)
-            if victim is None:
-                def other(e: int) -> bool:
-                    return e in resident and e not in routed and e not in pinned and e not in busy
-
-                victim = policy.victim_where(other, None, self.step)
+                if (t is not None and t.state is DONE and e not in routed and e not in pinned
+                        and e not in busy):
+                    victim = e
+                    break
+            else:
+                for e in policy.preference(None):
+                    if e in resident and e not in routed and e not in pinned and e not in busy:
+                        victim = e
+                        break
         else:
             others = {e for e in resident if e not in routed and e not in busy and e not in pinned}
             pool = {e for e in others if resident[e].state == DONE} or others

@@ -1,7 +1,7 @@
 """The engine's and controller's speed paths against their plain references: identical results.
 
 The fast loop (whole-step list conversion, pre-sorted rankings, inline predictor thread, expert-time
-tables), the controller's set-free victim search (`victim_where`) and its skipping of eviction bookkeeping
+tables), the controller's set-free victim search (a scan of the policy's `preference`) and its skipping of eviction bookkeeping
 in layers that hold every expert are what make cache and prefetch presets replay quickly; each is checked
 here against the plain path it replaces, for every preset.
 """
@@ -24,13 +24,13 @@ from sim.units import parse_budget
 
 
 class _SetsOnly:
-    """An eviction policy with its `victim_where` hidden: the controller then builds candidate sets."""
+    """An eviction policy with its `preference` hidden: the controller then builds candidate sets."""
 
     def __init__(self, policy) -> None:
         self._policy = policy
 
     def __getattr__(self, name: str):
-        if name == "victim_where":
+        if name == "preference":
             raise AttributeError(name)
         return getattr(self._policy, name)
 
@@ -68,8 +68,8 @@ def test_fast_loop_matches_the_reference_loop(small, policy: str, budget: str) -
 
 
 @pytest.mark.parametrize("cls", [LRU, ARC])
-def test_victim_where_picks_what_victim_picks(cls) -> None:
-    """The set-free victim search chooses exactly the victim of the candidate-set API, or None."""
+def test_preference_scan_picks_what_victim_picks(cls) -> None:
+    """The first candidate in `preference` order is exactly the victim of the candidate-set API."""
     rng = random.Random(0)
     policy = cls(8)
     resident: set[int] = set()
@@ -80,7 +80,7 @@ def test_victim_where_picks_what_victim_picks(cls) -> None:
         else:
             if len(resident) >= 8:
                 candidates = {e for e in resident if rng.random() < 0.5}
-                found = policy.victim_where(candidates.__contains__, expert, step)
+                found = next((e for e in policy.preference(expert) if e in candidates), None)
                 if candidates:
                     assert found == policy.victim(candidates, expert, step)
                     resident.discard(found)
