@@ -107,6 +107,11 @@ class Engine:
         """Closed-form CPU predictor thread: busy until (fast mode)."""
         self.cpu_expert_free_at = 0.0
         """CPU expert thread: busy until."""
+        self.cpu_is_device = hw.device_kind == "cpu"
+        """On a CPU device there is no second processor: experts the miss policy sends to "the CPU" run on
+        the compute stream itself, after the layer's other experts (realrun's order)."""
+        self.copy_contention = hw.copy_contention
+        """Compute slows by this factor while the link moves bytes (see `_contended`)."""
         self.stall_s = 0.0
         self.step_start_at: list[float] = []
         self.step_end_at: list[float] = []
@@ -153,7 +158,8 @@ class Engine:
         ids, probs = self.rank
         t = step.token_start
         m = self.ctl.prediction_limit
-        return list(zip(ids[:, t, :, :m].transpose(1, 0, 2).tolist(), probs[:, t, :, :m].transpose(1, 0, 2).tolist()))
+        return list(zip(ids[:, t, :, :m].transpose(1, 0, 2).tolist(), probs[:, t, :, :m].transpose(1, 0, 2).tolist(),
+                        strict=True))
 
     # --- the GPU stream ------------------------------------------------------------------------------
     def gpu_stream(self, sync: bool = True) -> Iterator[float]:
@@ -175,6 +181,8 @@ class Engine:
         predictor_latency_s = self.predictor_latency_s
         cpu_free_at = self.cpu_free_at
         shared_by_tokens: dict[int, float] = {}  # costs.shared_s is not memoised; decode steps repeat n = 1
+        contended = self.copy_contention != 1.0  # only calibrated CPU profiles: datasheet ones skip the check
+        cpu_on_stream = self.cpu_is_device
         step_start_at, step_end_at = self.step_start_at, self.step_end_at
         now = 0.0
         for step in self.workload.steps:
@@ -194,7 +202,7 @@ class Engine:
             step_start_at.append(now)
             t0 = step.token_start
             for layer in range(len(ids_rows)):
-                gate_at = now + attn_s
+                gate_at = now + (self._contended(now, attn_s) if contended else attn_s)
                 if record:
                     self.gpu_spans.append(("attention", now, gate_at, {"layer": layer, "step": step.index}))
                 now = gate_at
@@ -227,7 +235,7 @@ class Engine:
                 for t in plan.promoted:
                     link.promote(t)
                 cpu_done = route_at
-                for expert, tokens in plan.cpu_work:
+                for expert, tokens in (() if cpu_on_stream else plan.cpu_work):
                     start = max(self.cpu_expert_free_at, route_at)
                     self.cpu_expert_free_at = cpu_done = start + cpu_expert_s(tokens)
                     if record:
@@ -251,27 +259,51 @@ class Engine:
                             now = arrive
                             if sync:
                                 yield now
-                    done = now + expert_s[precision][tokens]
+                    done = now + (self._contended(now, expert_s[precision][tokens]) if contended
+                                  else expert_s[precision][tokens])
                     if record:
                         self.gpu_spans.append((f"expert {expert}", now, done,
                                                {"layer": layer, "tokens": tokens, "precision": precision}))
                     now = done
                     if n_loads:
                         compute_end[expert] = now
-                if cpu_done > now:
+                if cpu_on_stream:
+                    for expert, tokens in plan.cpu_work:
+                        done = now + (self._contended(now, cpu_expert_s(tokens)) if contended
+                                      else cpu_expert_s(tokens))
+                        if record:
+                            self.gpu_spans.append((f"cpu expert {expert}", now, done,
+                                                   {"layer": layer, "tokens": tokens}))
+                        now = done
+                elif cpu_done > now:
                     if record:
                         self.gpu_spans.append(("stall", now, cpu_done, {"layer": layer, "waiting": "cpu"}))
                     self.stall_s += cpu_done - now
                     now = cpu_done
                 if shared_s:
+                    done = now + (self._contended(now, shared_s) if contended else shared_s)
                     if record:
-                        self.gpu_spans.append(("shared experts", now, now + shared_s, {"layer": layer}))
-                    now += shared_s
+                        self.gpu_spans.append(("shared experts", now, done, {"layer": layer}))
+                    now = done
                 if sync:
                     yield now
             step_end_at.append(now)
         if closed_form:
             self.cpu_free_at = cpu_free_at
+
+    def _contended(self, now: float, work_s: float) -> float:
+        """Seconds a compute operation of `work_s` seconds (alone) takes from `now` while the link works.
+
+        While the link is busy the operation runs `copy_contention` times slower; the link counts as busy
+        until it has done the work it holds at `now` (`Link.busy_until`): transfers posted during the
+        operation do not slow it. A CPU device's transfers share its memory bus and cores with compute."""
+        busy_s = self.link.busy_until(now) - now
+        if busy_s <= 0.0:
+            return work_s
+        slowed_s = work_s * self.copy_contention
+        if slowed_s <= busy_s:
+            return slowed_s
+        return busy_s + work_s - busy_s / self.copy_contention
 
     def _post_loads(self, loads: list[Transfer], posted: int, ready: float,
                     compute_end: dict[int, float]) -> tuple[int, float]:

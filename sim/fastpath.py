@@ -14,15 +14,17 @@ from __future__ import annotations
 
 from sim.costs import CostModel
 from sim.engine import EngineResult
+from sim.hardware import HardwareProfile
 from sim.policies.controller import OffloadController
 from sim.workload import Workload
 
 
-def eligible(ctl: OffloadController, copy_engines: int) -> bool:
-    """Whether `ctl`'s policy is one this closed form replays exactly."""
+def eligible(ctl: OffloadController, hw: HardwareProfile) -> bool:
+    """Whether `ctl`'s policy on `hw` is one this closed form replays exactly (one copy engine, compute
+    that the link does not slow)."""
     p = ctl.policy
     return (p.eviction == "none" and p.prefetch == "none" and p.miss == "wait" and p.precision != "fate-hybrid"
-            and copy_engines == 1 and not any(c.pinned for c in ctl.caches))
+            and hw.link.copy_engines == 1 and hw.copy_contention == 1.0 and not any(c.pinned for c in ctl.caches))
 
 
 def replay_lod(workload: Workload, ctl: OffloadController, costs: CostModel) -> EngineResult:

@@ -139,6 +139,9 @@ class HardwareProfile:
     dequant: DequantModel
     cpu: CpuModel
     source_path: str = ""
+    copy_contention: float = 1.0
+    """Factor on device compute time while the link moves bytes (>= 1). A CPU device's transfers share its
+    memory bus and cores with compute; a GPU's copy engines hardly slow its kernels (1.0)."""
     gpu_token_scale: TokenScales = TokenScales()
     """Measured corrections to `gpu` per token count (empty: the roofline as is)."""
     cpu_token_scale: TokenScales = TokenScales()
@@ -148,6 +151,12 @@ class HardwareProfile:
         """The same machine with another link bandwidth (for what-if sweeps)."""
         link = dataclasses.replace(self.link, bandwidth_bytes_per_s=float(bandwidth_bytes_per_s))
         return dataclasses.replace(self, link=link, name=f"{self.name}@{bandwidth_bytes_per_s / 1e9:g}GB/s")
+
+    def with_link_slowed(self, factor: float) -> HardwareProfile:
+        """The same machine with every transfer taking `factor` times as long (latency and bytes alike)."""
+        link = dataclasses.replace(self.link, latency_s=self.link.latency_s * factor,
+                                   bandwidth_bytes_per_s=self.link.bandwidth_bytes_per_s / factor)
+        return dataclasses.replace(self, link=link, name=f"{self.name}@link-x{factor:.3g}")
 
     def to_toml_dict(self) -> dict[str, Any]:
         """The profile in the TOML schema of ARCHITECTURE.md."""
@@ -179,6 +188,8 @@ class HardwareProfile:
                 "predictor_latency_s": self.cpu.predictor_latency_s,
             },
         }
+        if self.copy_contention != 1.0:
+            data["gpu"]["copy_contention"] = self.copy_contention
         if self.gpu_token_scale.columns:
             data["gpu"]["token_scale"] = self.gpu_token_scale.to_toml_dict()
         if self.cpu_token_scale.columns:
@@ -249,9 +260,17 @@ def profile_from_dict(data: dict[str, Any], source: str = "<dict>") -> HardwareP
             predictor_latency_s=r.get("cpu", "predictor_latency_s", float, positive=False),
         ),
         source_path=source,
+        copy_contention=_copy_contention(r),
         gpu_token_scale=_token_scales(data, "gpu", source),
         cpu_token_scale=_token_scales(data, "cpu", source),
     )
+
+
+def _copy_contention(r: _Reader) -> float:
+    value = r.get("gpu", "copy_contention", float, default=1.0)
+    if value < 1.0:
+        raise UserError(f"profile {r.source}: [gpu] copy_contention must be >= 1 (a slowdown), not {value!r}")
+    return value
 
 
 def _token_scales(data: dict[str, Any], section: str, source: str) -> TokenScales:

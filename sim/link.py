@@ -146,6 +146,19 @@ class Link:
                 raise RuntimeError(f"{t} was never submitted to the link")
         return t.end_at
 
+    def busy_until(self, now: float) -> float:
+        """When the link would run out of the work it holds at `now` (the rest of the transfers in flight and
+        the queued ones ready by `now`), working without pause; `now` when it is idle. Several copy engines
+        share the work evenly. Changes nothing (no transfer is started)."""
+        work = 0.0
+        for free in self.free_at:
+            if free > now:
+                work += free - now
+        for entry in self.queue:
+            if entry[1] <= now:
+                work += self.duration_s(entry[3].nbytes)
+        return now + work / len(self.free_at)
+
     def drain(self) -> float:
         """Run the queue empty; return when the last transfer lands."""
         self.advance(float("inf"))

@@ -103,7 +103,7 @@ def replay(trace: Trace | str | os.PathLike[str] | LoadedTrace, policy: str | Po
                         f"experts in each of the {spec.num_moe_layers} MoE layers under {config.name!r}; raise "
                         f"--memory-budget to at least {format_bytes(need)} (bf16 slots)") from None
     costs = CostModel(spec, profile)
-    if mode == "fast" and timeline is None and fastpath.eligible(ctl, profile.link.copy_engines):
+    if mode == "fast" and timeline is None and fastpath.eligible(ctl, profile):
         result = fastpath.replay_lod(workload, ctl, costs)
     else:
         engine = Engine(workload, ctl, costs, record=timeline is not None)

@@ -341,7 +341,7 @@ class OffloadController:
         # only when a layer step misses.
         work = plan.gpu_work
         get = resident.get
-        for e, n in zip(ids, tokens):  # lengths checked above
+        for e, n in zip(ids, tokens, strict=False):  # lengths checked above
             t = get(e)
             if t is not None:
                 work.append((e, n, t.precision, None if t.state is DONE else t))
@@ -357,7 +357,7 @@ class OffloadController:
             for e in ids:
                 if e not in resident:
                     misses.append(e)
-            self._plan_misses(cache, layer, ids, dict(zip(ids, tokens)), misses, spare, plan)
+            self._plan_misses(cache, layer, ids, dict(zip(ids, tokens, strict=False)), misses, spare, plan)
         if self._observes:
             self.predictor.observe(layer, ids)
         # The budget holds at every instant: `_insert` checks each new peak of occupied slots, the only

@@ -82,3 +82,14 @@ def test_shipped_gpu_profiles_have_no_corrections() -> None:
     for name in ("rtx3090-pcie3", "gtx1080ti-pcie3", "rtx4090-pcie4", "a100-pcie4", "h100-pcie5"):
         profile = load_profile(name)
         assert not profile.gpu_token_scale.columns and not profile.cpu_token_scale.columns
+
+
+def test_copy_contention_is_optional_checked_and_round_trips() -> None:
+    """Absent: 1.0 (and not written back); below 1 is refused; a measured value survives the round trip."""
+    assert load_profile("rtx3090-pcie3").copy_contention == 1.0
+    assert "copy_contention" not in load_profile("rtx3090-pcie3").to_toml_dict()["gpu"]
+    with pytest.raises(UserError, match="copy_contention must be >= 1"):
+        profile_from_dict(_profile_dict(copy_contention=0.5), source="bad.toml")
+    profile = profile_from_dict(_profile_dict(copy_contention=1.25))
+    assert profile.copy_contention == 1.25
+    assert profile_from_dict(profile.to_toml_dict()).copy_contention == 1.25
