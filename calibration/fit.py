@@ -221,6 +221,17 @@ class Calibration:
     """Median decode attention time above the roofline's prediction, added to layer_overhead_s (s)."""
 
 
+def fit_copy_contention(points: Sequence[Point]) -> float:
+    """Compute slowdown beside transfers: the geometric mean over token counts of (median time beside
+    transfers) / (median time alone), at least 1 (1 when not measured)."""
+    alone = {p.x: p.seconds for p in _select(points, "contention_alone")}
+    busy = {p.x: p.seconds for p in _select(points, "contention")}
+    ratios = [busy[x] / alone[x] for x in sorted(alone.keys() & busy.keys())]
+    if not ratios:
+        return 1.0
+    return max(1.0, float(np.exp(np.mean(np.log(ratios)))))
+
+
 def _select(points: Sequence[Point], *kinds: str) -> list[Point]:
     return [p for p in points if p.kind in kinds]
 
@@ -273,6 +284,7 @@ def build_profile(points: Sequence[Point], *, name: str, device_kind: str, memor
                                   kernel_launch_s=cpu.kernel_launch_s),
             predictor_latency_s=statistics.median(p.seconds for p in predictor),
         ),
+        copy_contention=fit_copy_contention(points),
         gpu_token_scale=token_scales(compute, {
             "expert_bf16": _select(points, "expert"), "shared": _select(points, "mlp"),
             **{f"expert_{p}": _select(points, f"expert_{p}") for p in ("int8", "int4", "int2")}}),

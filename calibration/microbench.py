@@ -17,6 +17,8 @@ Benchmarks, by `Point.kind`:
 - `expert_<precision>`: one routed expert stored in `<precision>` on `x` tokens, on realrun's own path
   (HQQ unpacking then the matmuls, or CPU int4 matmuls from the packed record); FLOPs and bytes of the
   unquantised expert, as `sim.costs` counts them.
+- `contention_alone`, `contention`: a routed expert on `x` tokens alone and while background transfers
+  keep the link busy (CPU devices: transfers and compute share the memory bus and the cores).
 - `dequant_<precision>`: the extra time of one 1-token expert stored in `<precision>` over the unquantised
   one; `nbytes` is the unquantised expert size `spec.expert_bytes("bf16")`, what `sim.costs` divides by
   the profile's rate.
@@ -37,6 +39,7 @@ import math
 import os
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -93,6 +96,10 @@ class BenchPlan:
     link_min_seconds: float = 0.0
     """Link sizes repeat until this much time was spent (s): large reads of a shared disk are bimodal,
     and a median of 7 flips between the modes."""
+    contention_tokens: tuple[int, ...] = (1, 4)
+    """Tokens per expert at which compute is timed beside background transfers (CPU devices only)."""
+    contention_rounds: int = 3
+    """Alternations of (alone, beside transfers): a drifting machine affects both halves alike."""
     cold_set_bytes: int = 256 << 20
     """Compute benchmarks rotate over copies of their weights totalling at least this many bytes (8x a
     32 MiB L3): realrun computes each expert from a slot its bytes just landed in, never from a warm cache."""
@@ -113,7 +120,7 @@ def default_plan(device: str, store: str, *, quick: bool, compute_dtype: torch.d
         sizes = tuple(1 << p for p in (16, 20, 22, 24))
         plan = dict(expert_tokens=(1, 8, 64), mlp_tokens=(1, 64), attention_points=((1, 128), (64, 64)),
                     repeats=2, min_seconds=0.0, dequant_precisions=("int8", "int4", "int2"),
-                    cold_set_bytes=64 << 20)
+                    cold_set_bytes=64 << 20, contention_tokens=(1,), contention_rounds=1)
     else:
         # 64 KiB .. 64 MiB, three points per octave so the fit sees the latency knee.
         sizes = geometric_sizes(64 << 10, 64 << 20, 3)
@@ -228,9 +235,11 @@ class DiskReader:
         self.path.unlink(missing_ok=True)
 
 
-def bench_link(plan: BenchPlan, rng: np.random.Generator) -> Iterator[Point]:
-    """Time one transfer per size: disk O_DIRECT reads, RAM copies, or pinned H2D copies."""
-    largest = max(plan.link_sizes_bytes)
+@contextlib.contextmanager
+def transfers(plan: BenchPlan, rng: np.random.Generator, largest: int) -> Iterator[Callable[[int], None]]:
+    """A function that moves one transfer of `size <= largest` bytes the way realrun's slow tier does:
+    an O_DIRECT read of a scratch file (disk store), a copy out of a host pool (RAM store), or a pinned
+    host -> GPU copy (CUDA)."""
     pool_bytes = max(4 * largest, 256 << 20)
     if plan.store == "disk":
         fd, name = tempfile.mkstemp(prefix="fatesim-calib-", suffix=".bin", dir=plan.scratch_dir)
@@ -238,10 +247,7 @@ def bench_link(plan: BenchPlan, rng: np.random.Generator) -> Iterator[Point]:
         reader = DiskReader(Path(name), pool_bytes, largest, rng)
         try:
             reader.open()
-            for size in plan.link_sizes_bytes:
-                median, samples = time_op(lambda s=size: reader.read(s), repeats=plan.repeats,
-                                          min_seconds=max(plan.min_seconds, plan.link_min_seconds), device="cpu")
-                yield Point("link", size, 0.0, size, median, samples)
+            yield reader.read
         finally:
             reader.close()
         return
@@ -249,13 +255,78 @@ def bench_link(plan: BenchPlan, rng: np.random.Generator) -> Iterator[Point]:
     pool = torch.empty(pool_bytes, dtype=torch.uint8, pin_memory=pin)
     pool.random_(0, 256, generator=torch.Generator().manual_seed(1))
     dst = torch.empty(largest, dtype=torch.uint8, device=plan.device)
-    for size in plan.link_sizes_bytes:
-        def copy(s: int = size) -> None:
-            offset = int(rng.integers(0, (pool_bytes - s) // ALIGN_BYTES + 1)) * ALIGN_BYTES
-            dst[:s].copy_(pool[offset:offset + s], non_blocking=pin)
-        median, samples = time_op(copy, repeats=plan.repeats, device=plan.device,
-                                  min_seconds=max(plan.min_seconds, plan.link_min_seconds))
-        yield Point("link", size, 0.0, size, median, samples)
+
+    def copy(size: int) -> None:
+        offset = int(rng.integers(0, (pool_bytes - size) // ALIGN_BYTES + 1)) * ALIGN_BYTES
+        dst[:size].copy_(pool[offset:offset + size], non_blocking=pin)
+
+    yield copy
+
+
+def bench_link(plan: BenchPlan, rng: np.random.Generator) -> Iterator[Point]:
+    """Time one transfer per size: disk O_DIRECT reads, RAM copies, or pinned H2D copies."""
+    with transfers(plan, rng, max(plan.link_sizes_bytes)) as move:
+        for size in plan.link_sizes_bytes:
+            median, samples = time_op(lambda s=size: move(s), repeats=plan.repeats, device=plan.device,
+                                      min_seconds=max(plan.min_seconds, plan.link_min_seconds))
+            yield Point("link", size, 0.0, size, median, samples)
+
+
+class BackgroundTransfers:
+    """A thread that keeps the link busy (one transfer after another) while the block runs."""
+
+    def __init__(self, move: Callable[[int], None], nbytes: int) -> None:
+        self.move, self.nbytes = move, nbytes
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="calib-transfers", daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.move(self.nbytes)
+
+    def __enter__(self) -> BackgroundTransfers:
+        self.thread.start()
+        time.sleep(0.005)  # let the first transfer get going
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def bench_contention(plan: BenchPlan, spec: ModelSpec, rng: np.random.Generator) -> Iterator[Point]:
+    """Routed-expert compute alone and while the link moves expert records, interleaved in rounds.
+
+    On a CPU device the slow tier's transfers share the memory bus and the cores with compute (on this
+    2-vCPU VM a 1-token expert ran 1.1-1.7x slower beside O_DIRECT reads). Yields, per token count of
+    `plan.contention_tokens`, a `contention_alone` and a `contention` point (medians over all rounds);
+    `fit` turns their ratio into the profile's `copy_contention`. Not measured on CUDA, where timing an
+    operation synchronises the device and would wait for the background copies too.
+    """
+    h, i = spec.hidden_size, spec.expert_intermediate_size
+    gen = torch.Generator().manual_seed(8)
+    weight_bytes = 3 * h * i * plan.compute_dtype.itemsize
+    sets = [(_weights(2 * i, h, plan.compute_dtype, plan.device, gen), _weights(h, i, plan.compute_dtype, plan.device, gen))
+            for _ in range(_copies(plan, weight_bytes))]
+    turn = itertools.count()
+    record = _align(spec.expert_bytes("bf16"))
+    with transfers(plan, rng, record) as move:
+        for tokens in plan.contention_tokens:
+            x = torch.randn(tokens, h, generator=gen).to(plan.compute_dtype).to(plan.device)
+
+            def op(x: torch.Tensor = x) -> torch.Tensor:
+                return _swiglu(x, *sets[next(turn) % len(sets)])
+
+            alone: list[float] = []
+            busy: list[float] = []
+            for _ in range(plan.contention_rounds):
+                alone += time_op(op, repeats=plan.repeats, min_seconds=plan.min_seconds / 2, device=plan.device)[1]
+                with BackgroundTransfers(move, record):
+                    busy += time_op(op, repeats=plan.repeats, min_seconds=plan.min_seconds / 2,
+                                    device=plan.device)[1]
+            flops, nbytes = spec.expert_flops(tokens), spec.expert_bytes("bf16") * _byte_scale(plan, spec)
+            yield Point("contention_alone", tokens, flops, nbytes, statistics.median(alone), tuple(alone))
+            yield Point("contention", tokens, flops, nbytes, statistics.median(busy), tuple(busy))
 
 
 # --- compute --------------------------------------------------------------------------------------
@@ -450,8 +521,9 @@ def count_steps(plan: BenchPlan) -> int:
     """Number of progress-bar steps `run_all` reports."""
     compute = len(plan.expert_tokens) * (2 if plan.device == "cuda" else 1)
     quantised = len(plan.dequant_precisions) * (len(plan.expert_tokens) + 1)
+    contention = 2 * len(plan.contention_tokens) if plan.device == "cpu" else 0
     return (len(plan.link_sizes_bytes) + compute + len(plan.mlp_tokens) + len(plan.attention_points)
-            + quantised + 2)
+            + quantised + contention + 2)
 
 
 def run_all(plan: BenchPlan, spec: ModelSpec, progress: Callable[[str], None] = lambda _: None,
@@ -467,6 +539,9 @@ def run_all(plan: BenchPlan, spec: ModelSpec, progress: Callable[[str], None] = 
     with torch.inference_mode():
         for point in bench_link(plan, rng):
             add(point)
+        if plan.device == "cpu":
+            for point in bench_contention(plan, spec, rng):
+                add(point)
         for point in bench_experts(plan, spec, plan.device, "expert"):
             add(point)
         if plan.device == "cuda":

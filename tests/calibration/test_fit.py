@@ -8,6 +8,7 @@ import pytest
 from calibration.fit import (
     RooflineFit,
     build_profile,
+    fit_copy_contention,
     fit_link,
     fit_rate,
     fit_roofline,
@@ -184,3 +185,12 @@ def test_build_profile_reproduces_every_expert_point() -> None:
         assert roof * scales.factor("expert_bf16", int(p.x)) == pytest.approx(p.seconds, rel=1e-9)
         assert roof * scales.factor("expert_int4", int(p.x)) == pytest.approx(2 * p.seconds, rel=1e-9)
     assert cal.profile.cpu_token_scale.tokens == scales.tokens
+
+
+def test_copy_contention_is_the_geometric_mean_ratio_at_least_one() -> None:
+    def pts(alone: float, busy: float, tokens: int) -> list[Point]:
+        return [Point("contention_alone", tokens, 1.0, 1.0, alone, (alone,)),
+                Point("contention", tokens, 1.0, 1.0, busy, (busy,))]
+    assert fit_copy_contention(pts(1.0, 1.21, 1) + pts(2.0, 2.0, 4)) == pytest.approx(1.1)
+    assert fit_copy_contention(pts(1.0, 0.9, 1)) == 1.0  # faster beside transfers is noise, not a speed-up
+    assert fit_copy_contention(synthetic_points()) == 1.0  # not measured
