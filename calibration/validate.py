@@ -15,12 +15,13 @@ Fairness between the two sides:
 - one untimed warm-up run precedes the measured ones (thread pools, the store file), and each run's slot
   memory is touched before its clock starts (`prefault_slots`).
 
-The link: every row also reports the bandwidth realrun's slow tier really delivered in that run (bytes of
-its finished copies over the I/O thread's busy time, less the profile's per-transfer latency). With
-`link="profile"` (the default) the simulator uses the profile's link as calibrated: the end-to-end check.
-With `link="observed"` it replays each run with the bandwidth that run observed: on a machine whose disk
-speed wanders (this VM's: 1.0-3.1 GB/s within minutes), that separates the simulator's modelling error
-from the hardware's drift between calibration and run. Everything else stays as calibrated.
+The link: every row also reports what realrun's slow tier really delivered in that run: the bytes of its
+finished copies over the I/O thread's busy time, and that busy time over what the profile's link predicts
+for the same copies (`link_time_factor`). With `link="profile"` (the default) the simulator uses the
+profile's link as calibrated: the end-to-end check. With `link="observed"` it replays each run with the
+link slowed (or sped up) by that run's factor: on a machine whose disk speed wanders (this VM's: 1.0-3.1
+GB/s within minutes), that separates the simulator's modelling error from the hardware's drift between
+calibration and run. Everything else stays as calibrated.
 
 The summary pools the absolute relative errors of the three metrics over all configurations (median and
 max) and reports them per metric too; `passed` is median <= max_error.
@@ -37,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sim.hardware import LinkModel
 from traces.errors import UserError
 
 DEFAULT_PRESETS = ("lod", "lru", "fate", "speculate", "cpu-exec")
@@ -61,13 +63,12 @@ def relative_error(simulated: float, measured: float) -> float:
     return (simulated - measured) / measured
 
 
-def observed_link_bandwidth(io: dict[str, float], latency_s: float) -> float | None:
-    """Bytes per second realrun's slow tier delivered: bytes / (busy seconds - copies x latency); None
-    when the run copied nothing (or too little to time)."""
-    transfer_s = io["busy_s"] - io["copies"] * latency_s
-    if io["copies"] == 0 or io["bytes"] <= 0 or transfer_s <= 0:
+def link_time_factor(io: dict[str, float], link: LinkModel) -> float | None:
+    """realrun's I/O busy seconds over the profile link's seconds for the same copies (latency + bytes /
+    bandwidth each); None when the run copied nothing."""
+    if io["copies"] == 0 or io["busy_s"] <= 0:
         return None
-    return io["bytes"] / transfer_s
+    return io["busy_s"] / (io["copies"] * link.latency_s + io["bytes"] / link.bandwidth_bytes_per_s)
 
 
 def validate_runs(*, profile: str, model: str, max_error: float = 0.05, budgets: str | None = None,
@@ -157,13 +158,15 @@ def _validate(*, profile: str, model: str, max_error: float, budgets: str | None
                 started = time.perf_counter()
                 real = run_real(name, budget, trace_path)
                 real_s = time.perf_counter() - started
-                observed = observed_link_bandwidth(real["io"], hw.link.latency_s)
-                run_hw = hw.with_link_bandwidth(observed) if link == "observed" and observed else hw
+                io = real["io"]
+                factor = link_time_factor(io, hw.link)
+                run_hw = hw.with_link_slowed(factor) if link == "observed" and factor else hw
                 sim = replay(trace_path, policy=policies[name], hw=run_hw,
                              memory_budget=int(real["memory_budget_bytes"]))
                 row: dict[str, Any] = {"preset": name, "budget": budget, "store": store_of(name),
                                        "memory_budget_bytes": int(real["memory_budget_bytes"]),
-                                       "realrun_wall_s": real_s, "observed_link_bytes_per_s": observed,
+                                       "realrun_wall_s": real_s, "link_time_factor": factor,
+                                       "observed_link_bytes_per_s": io["bytes"] / io["busy_s"] if factor else None,
                                        "simulated_link_bytes_per_s": run_hw.link.bandwidth_bytes_per_s}
                 for key in METRICS:
                     row[key] = {"measured": float(real[key]), "simulated": float(sim[key]),

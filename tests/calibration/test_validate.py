@@ -10,12 +10,13 @@ import pytest
 from calibration.calibrate import calibrate
 from calibration.validate import (
     format_table,
-    observed_link_bandwidth,
+    link_time_factor,
     relative_error,
     summarize,
     validate_runs,
 )
 from sim.cli import main
+from sim.hardware import LinkModel, load_profile
 from traces.errors import UserError
 
 
@@ -53,10 +54,11 @@ def test_small_validation_end_to_end(tiny_setup: tuple[Path, Path, Path], tmp_pa
         assert r["hit_rate"]["simulated"] == pytest.approx(r["hit_rate"]["measured"], abs=1e-12)
     assert lru[1]["hit_rate"]["measured"] >= lru[0]["hit_rate"]["measured"]
     assert result["link"] == "observed"
-    assert all(r["observed_link_bytes_per_s"] for r in lru)  # lru misses are loaded: there were copies
+    assert all(r["link_time_factor"] and r["observed_link_bytes_per_s"] for r in lru)  # misses were loaded
+    base = load_profile(profile).link.bandwidth_bytes_per_s
     for r in rows:
-        if r["observed_link_bytes_per_s"] is not None:
-            assert r["simulated_link_bytes_per_s"] == r["observed_link_bytes_per_s"]
+        if r["link_time_factor"] is not None:
+            assert r["simulated_link_bytes_per_s"] == pytest.approx(base / r["link_time_factor"])
     s = result["summary"]
     pooled = sorted(abs(r[k]["relative_error"]) for r in rows for k in ("prefill_tokens_per_s",
                                                                         "decode_tokens_per_s", "hit_rate"))
@@ -76,10 +78,14 @@ def test_summary_and_relative_error() -> None:
     assert relative_error(11.0, 10.0) == pytest.approx(0.1) and relative_error(0.0, 0.0) == 0.0
 
 
-def test_observed_link_bandwidth() -> None:
-    """bytes / (busy - copies x latency); nothing copied gives None."""
-    assert observed_link_bandwidth({"copies": 4, "bytes": 4e9, "busy_s": 2.0 + 4 * 1e-3}, 1e-3) == pytest.approx(2e9)
-    assert observed_link_bandwidth({"copies": 0, "bytes": 0, "busy_s": 0.0}, 1e-3) is None
+def test_link_time_factor() -> None:
+    """Observed busy seconds over the link's prediction for the same copies; nothing copied gives None."""
+    link = LinkModel(bandwidth_bytes_per_s=2e9, latency_s=1e-3, copy_engines=1)
+    assert link_time_factor({"copies": 4, "bytes": 4e9, "busy_s": 2 * (2.0 + 4e-3)}, link) == pytest.approx(2.0)
+    assert link_time_factor({"copies": 0, "bytes": 0, "busy_s": 0.0}, link) is None
+    slowed = load_profile("rtx3090-pcie3").with_link_slowed(2.0)
+    plain = load_profile("rtx3090-pcie3")
+    assert slowed.link.transfer_s(17_000_000) == pytest.approx(2 * plain.link.transfer_s(17_000_000))
 
 
 @pytest.mark.parametrize("kwargs,message", [
