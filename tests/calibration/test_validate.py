@@ -55,6 +55,8 @@ def test_small_validation_end_to_end(tiny_setup: tuple[Path, Path, Path], tmp_pa
     assert lru[1]["hit_rate"]["measured"] >= lru[0]["hit_rate"]["measured"]
     assert result["link"] == "observed"
     assert all(r["link_time_factor"] and r["observed_link_bytes_per_s"] for r in lru)  # misses were loaded
+    assert result["summary_with_profile_link"]["configurations"] == 4
+    assert "with the profile's link instead" in format_table(result)
     base = load_profile(profile).link.bandwidth_bytes_per_s
     for r in rows:
         if r["link_time_factor"] is not None:
