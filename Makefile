@@ -59,7 +59,7 @@ $(PROFILE): $(STAMP)
 calibrate: $(PROFILE)
 
 validate: $(PROFILE)
-	$(FATESIM) validate --profile $(PROFILE) --model bench --num-prompts 2 --max-new-tokens 8
+	$(FATESIM) validate --profile $(PROFILE) --model bench --num-prompts 2 --max-new-tokens 8 --link observed
 
 models: $(STAMP)
 	$(BIN)/python -m traces.train_models --model all --threads 1
