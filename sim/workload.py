@@ -44,7 +44,8 @@ class Workload:
     num_experts: int
     top_k: int
     popularity: np.ndarray
-    """[L, E] tokens routed to each expert over the whole trace (the profiling pass of static pinning)."""
+    """[L, E] tokens routed to each expert in the trace's prompts (prefill positions; every position when the
+    trace has none): the profiling pass of static pinning, which realrun runs on the same prompts."""
     lookahead_probs: np.ndarray | None
     """[D, T, L, E] float32 softmax over E of the look-ahead logits, or None."""
     lookahead_rank: tuple[np.ndarray, np.ndarray] | None
@@ -105,9 +106,10 @@ def build_workload(trace) -> Workload:
                 else:
                     routes.append((ids, ones))
             steps.append(Step(len(steps), seq, "decode", t, 1, int(positions[t]) + 1, tuple(routes)))
+    profiled = topk[is_prefill.astype(bool)] if np.any(is_prefill) else topk
     popularity = np.zeros((num_layers, num_experts), dtype=np.int64)
     for layer in range(num_layers):
-        popularity[layer] = np.bincount(topk[:, layer, :].ravel(), minlength=num_experts)[:num_experts]
+        popularity[layer] = np.bincount(profiled[:, layer, :].ravel(), minlength=num_experts)[:num_experts]
     probs = rank = None
     if trace.lookahead_logits is not None:
         probs = _softmax(np.asarray(trace.lookahead_logits))

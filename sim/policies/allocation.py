@@ -10,8 +10,9 @@ decode token could not run; fewer is a budget the user must raise.
   split evenly over the deeper layers. `shallow_layers` = how many; -1 = as many as fit while every deeper
   layer keeps at least 2·k slots (the useful cache size of the LRC paper).
 - `popularity`: static pinning (Fiddler; llama.cpp `--n-cpu-moe`-style placement): uniform slots, and in
-  each layer the most popular experts (from a profiling pass over the trace) are loaded before serving and
-  never evicted; `reserve` slots per layer stay free for loaded misses.
+  each layer the most popular experts (from a profiling pass over the prompts: the trace's prefill tokens,
+  as realrun profiles them) are loaded before serving and never evicted; `reserve` slots per layer stay
+  free for loaded misses.
 """
 
 from __future__ import annotations
