@@ -83,7 +83,9 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: 
                 on_forward(len(out.phases), phase, ids.shape[1])
             _sync(device)
             start = time.perf_counter()
-            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]  # [1, V]
+            # logits of the last position only, as serving engines do (a prefill of n tokens would
+            # otherwise multiply all n hidden states by the vocabulary head)
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
             token = int(logits.argmax(-1))  # greedy; the host needs the token to feed the next step anyway
             _sync(device)
             out.step_start_at.append(start)
