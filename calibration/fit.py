@@ -187,18 +187,20 @@ def fit_rate(output_bytes: Sequence[float], seconds: Sequence[float]) -> float:
 def token_scales(fit: RooflineFit, columns: dict[str, Sequence[Point]]) -> TokenScales:
     """Measured / roofline time per operation and token count, on the union of the measured token counts.
 
-    A column measured at fewer token counts than the union is interpolated the way `TokenScales.factor`
+    Several points at one token count (attention at several context lengths) give their median ratio. A
+    column measured at fewer token counts than the union is interpolated the way `TokenScales.factor`
     reads it (linear in log tokens, flat outside), so the table says exactly what the points say.
     """
     measured: dict[str, TokenScales] = {}
     for name, pts in columns.items():
-        by_tokens = {int(p.x): p for p in pts}
+        by_tokens: dict[int, list[float]] = {}
+        for p in pts:
+            roofline = float(fit.predict_s(np.array([p.flops]), np.array([p.nbytes]))[0])
+            by_tokens.setdefault(int(p.x), []).append(p.seconds / roofline)
         if not by_tokens:
             continue
         tokens = tuple(sorted(by_tokens))
-        ratios = tuple(by_tokens[t].seconds / float(fit.predict_s(np.array([by_tokens[t].flops]),
-                                                                   np.array([by_tokens[t].nbytes]))[0])
-                       for t in tokens)
+        ratios = tuple(statistics.median(by_tokens[t]) for t in tokens)
         measured[name] = TokenScales(tokens=tokens, columns=((name, ratios),))
     if not measured:
         return TokenScales()
@@ -217,8 +219,6 @@ class Calibration:
     cpu: RooflineFit
     dequant_bytes_per_s: dict[str, float]
     points: tuple[Point, ...]
-    attention_shortfall_s: float = 0.0
-    """Median decode attention time above the roofline's prediction, added to layer_overhead_s (s)."""
 
 
 def fit_copy_contention(points: Sequence[Point]) -> float:
@@ -241,9 +241,9 @@ def build_profile(points: Sequence[Point], *, name: str, device_kind: str, memor
     """Fit every model of the profile schema to `points` and assemble the profile."""
     link_pts = _select(points, "link")
     link = fit_link([p.nbytes for p in link_pts], [p.seconds for p in link_pts])
-    # One roofline for every operation the simulator charges with it: routed experts, shared experts and
-    # attention. Where decode attention still runs below it (bf16 on a CPU without native bf16: casts,
-    # SDPA, KV-cache concatenation), the median shortfall is a fixed cost per layer: layer_overhead_s.
+    # One roofline for every operation the simulator charges with it (routed experts, shared experts,
+    # attention), then per operation and token count the measured / roofline ratio (`token_scales`): the
+    # roofline carries the scaling to other models' shapes, the ratios what one roofline cannot follow.
     compute_pts = _select(points, "expert", "mlp", "attention")
     compute = fit_roofline([p.flops for p in compute_pts], [p.nbytes for p in compute_pts],
                            [p.seconds for p in compute_pts])
@@ -260,10 +260,6 @@ def build_profile(points: Sequence[Point], *, name: str, device_kind: str, memor
     predictor = _select(points, "predictor")
     if not layer or not predictor:
         raise UserError("the layer-overhead and predictor measurements are missing")
-    decode_attention = [p for p in _select(points, "attention") if p.x == 1]
-    attention_shortfall_s = statistics.median(
-        [max(0.0, p.seconds - float(compute.predict_s(np.array([p.flops]), np.array([p.nbytes]))[0]))
-         for p in decode_attention]) if decode_attention else 0.0
     profile = HardwareProfile(
         name=name,
         description=description,
@@ -275,7 +271,7 @@ def build_profile(points: Sequence[Point], *, name: str, device_kind: str, memor
         gpu=RooflineModel(matmul_flops_per_s=compute.matmul_flops_per_s,
                           memory_bytes_per_s=compute.memory_bytes_per_s,
                           kernel_launch_s=compute.kernel_launch_s),
-        layer_overhead_s=statistics.median(p.seconds for p in layer) + attention_shortfall_s,
+        layer_overhead_s=statistics.median(p.seconds for p in layer),
         dequant=DequantModel(int8_bytes_per_s=dequant["int8"], int4_bytes_per_s=dequant["int4"],
                              int2_bytes_per_s=dequant["int2"]),
         cpu=CpuModel(
@@ -287,11 +283,12 @@ def build_profile(points: Sequence[Point], *, name: str, device_kind: str, memor
         copy_contention=fit_copy_contention(points),
         gpu_token_scale=token_scales(compute, {
             "expert_bf16": _select(points, "expert"), "shared": _select(points, "mlp"),
+            "attention": _select(points, "attention"),
             **{f"expert_{p}": _select(points, f"expert_{p}") for p in ("int8", "int4", "int2")}}),
         cpu_token_scale=token_scales(cpu, {"expert_bf16": cpu_pts}),
     )
     return Calibration(profile=profile, link=link, compute=compute, cpu=cpu, dequant_bytes_per_s=dequant,
-                       points=tuple(points), attention_shortfall_s=attention_shortfall_s)
+                       points=tuple(points))
 
 
 def provenance_line(command: str, versions: dict[str, str], when: _dt.datetime | None = None) -> str:

@@ -136,21 +136,19 @@ def test_build_profile_without_dequant_is_refused() -> None:
                       provenance="p")
 
 
-def test_attention_shortfall_goes_into_layer_overhead() -> None:
-    """Decode attention slower than the roofline adds its median excess to layer_overhead_s."""
+def test_attention_column_is_the_median_ratio_per_token_count() -> None:
+    """Decode attention at several contexts gives one ratio at 1 token: the median over the contexts."""
     pts = synthetic_points()
     roof = lambda f, b: 5e-6 + max(f / 100e9, b / 15e9)  # noqa: E731 - the synthetic machine
-    for context, excess in ((64, 1e-3), (256, 2e-3), (1024, 3e-3)):
+    for context, ratio in ((64, 0.5), (256, 0.6), (1024, 2.0)):
         f, b = 3.4e7 + 1e4 * context, 3.4e7 + 1e3 * context
-        pts.append(Point("attention", 1, f, b, roof(f, b) + excess, (roof(f, b) + excess,), context=context))
+        pts.append(Point("attention", 1, f, b, ratio * roof(f, b), (ratio * roof(f, b),), context=context))
     cal = build_profile(pts, name="s", device_kind="cpu", memory_bytes=1, copy_engines=1, description="",
                         provenance="p")
-    assert cal.attention_shortfall_s > 0.5e-3
-    assert cal.profile.layer_overhead_s == pytest.approx(80e-6 + cal.attention_shortfall_s)
-    model = cal.compute.predict_s(np.array([p.flops for p in pts if p.kind == "attention"]),
-                                  np.array([p.nbytes for p in pts if p.kind == "attention"]))
-    excess = [p.seconds - m for p, m in zip([p for p in pts if p.kind == "attention"], model, strict=True)]
-    assert cal.attention_shortfall_s == pytest.approx(float(np.median(excess)), rel=1e-6)
+    assert cal.profile.layer_overhead_s == pytest.approx(80e-6)
+    expected = float(np.median([p.seconds / cal.compute.predict_s(np.array([p.flops]), np.array([p.nbytes]))[0]
+                                for p in pts if p.kind == "attention"]))
+    assert cal.profile.gpu_token_scale.factor("attention", 1) == pytest.approx(expected, rel=1e-9)
 
 
 def test_token_scales_are_measured_over_roofline_on_the_union_of_token_counts() -> None:
