@@ -91,10 +91,12 @@ def calibrate(device: str, store: str, out: str, plots_dir: str | None, quick: b
 @click.option("--link", type=click.Choice(["profile", "observed"]), default="profile", show_default=True,
               help="Link bandwidth the simulator uses: the profile's, or the one realrun's slow tier delivered "
                    "in each run (separates model error from a disk whose speed drifts).")
+@click.option("--repeats", type=int, default=1, show_default=True,
+              help="realrun runs per configuration; both sides report medians over them.")
 def validate(profile: str, model: str, max_error: float, as_json: bool, budgets: str | None,
              presets: str | None, store: str, device: str, prompts: str | None,
              max_new_tokens: int, num_prompts: int, store_dir: str | None, out_path: str | None,
-             threads: int, link: str) -> None:
+             threads: int, link: str, repeats: int) -> None:
     """Run realrun and the simulator on the same runs; print measured vs simulated with errors."""
     from tqdm import tqdm
 
@@ -110,7 +112,7 @@ def validate(profile: str, model: str, max_error: float, as_json: bool, budgets:
         result = validate_runs(profile=profile, model=model, max_error=max_error, budgets=budgets,
                                presets=presets, store=store, device=device, prompts=prompts,
                                max_new_tokens=max_new_tokens, num_prompts=num_prompts, store_dir=store_dir,
-                               threads=threads, link=link, progress=step)
+                               threads=threads, link=link, repeats=repeats, progress=step)
     if out_path:
         write_json(result, out_path)
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))

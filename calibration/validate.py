@@ -64,6 +64,11 @@ def relative_error(simulated: float, measured: float) -> float:
     return (simulated - measured) / measured
 
 
+def _median_or_none(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
 def link_time_factor(io: dict[str, float], link: LinkModel) -> float | None:
     """realrun's I/O busy seconds over the profile link's seconds for the same copies (latency + bytes /
     bandwidth each); None when the run copied nothing."""
@@ -76,7 +81,8 @@ def validate_runs(*, profile: str, model: str, max_error: float = 0.05, budgets:
                   presets: str | None = None, store: str = "disk", device: str = "cpu",
                   prompts: str | None = None, max_new_tokens: int | None = None, num_prompts: int = 4,
                   store_dir: str | Path | None = None, warmup: bool = True, threads: int = 1,
-                  link: str = "profile", progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  link: str = "profile", repeats: int = 1,
+                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every (preset, budget) configuration under realrun and the simulator; the comparison as a dict.
 
     `model` is a model folder, a default model name, or "bench" (realrun's random Qwen-shaped model, see
@@ -90,12 +96,12 @@ def validate_runs(*, profile: str, model: str, max_error: float = 0.05, budgets:
         return _validate(profile=profile, model=model, max_error=max_error, budgets=budgets, presets=presets,
                          store=store, device=device, prompts=prompts, max_new_tokens=max_new_tokens,
                          num_prompts=num_prompts, store_dir=store_dir, warmup=warmup, link=link,
-                         progress=progress)
+                         repeats=repeats, progress=progress)
 
 
 def _validate(*, profile: str, model: str, max_error: float, budgets: str | None, presets: str | None,
               store: str, device: str, prompts: str | None, max_new_tokens: int | None, num_prompts: int,
-              store_dir: str | Path | None, warmup: bool, link: str,
+              store_dir: str | Path | None, warmup: bool, link: str, repeats: int,
               progress: Callable[[str], None] | None) -> dict[str, Any]:
     from calibration.calibrate import resolve_bench_alias
     from sim.hardware import load_profile
@@ -106,6 +112,8 @@ def _validate(*, profile: str, model: str, max_error: float, budgets: str | None
         raise UserError(f"--max-error must be a positive fraction, not {max_error}")
     if link not in LINK_MODES:
         raise UserError(f"--link must be one of {', '.join(LINK_MODES)}, not {link!r}")
+    if repeats < 1:
+        raise UserError(f"--repeats must be at least 1, not {repeats}")
     if max_new_tokens is not None and max_new_tokens < 2:
         raise UserError("--max-new-tokens must be at least 2 (one prefill token and a decode step)")
     preset_list = _split(presets, DEFAULT_PRESETS, "presets")
@@ -153,33 +161,51 @@ def _validate(*, profile: str, model: str, max_error: float, budgets: str | None
 
         if warmup:
             run_real(preset_list[0], budget_list[-1], None)
+        def one_run(name: str, budget: str, trace_path: Path) -> dict[str, Any]:
+            """realrun once, then the simulator on that run's trace: the metrics of both sides."""
+            started = time.perf_counter()
+            real = run_real(name, budget, trace_path)
+            wall_s = time.perf_counter() - started
+            io = real["io"]
+            factor = link_time_factor(io, hw.link)
+            run_hw = hw.with_link_slowed(factor) if link == "observed" and factor else hw
+            budget_bytes = int(real["memory_budget_bytes"])
+            sim = replay(trace_path, policy=policies[name], hw=run_hw, memory_budget=budget_bytes)
+            # the end-to-end numbers too, from the same run: no second realrun
+            plain = sim if run_hw is hw else replay(trace_path, policy=policies[name], hw=hw,
+                                                    memory_budget=budget_bytes)
+            return {"real": real, "sim": sim, "plain": plain, "wall_s": wall_s, "factor": factor,
+                    "observed": io["bytes"] / io["busy_s"] if factor else None,
+                    "simulated_link": run_hw.link.bandwidth_bytes_per_s}
+
         for name in preset_list:
             for budget in budget_list:
                 trace_path = Path(work.name) / f"{name}-{budget.replace('%', 'pct')}.safetensors"
-                started = time.perf_counter()
-                real = run_real(name, budget, trace_path)
-                real_s = time.perf_counter() - started
-                io = real["io"]
-                factor = link_time_factor(io, hw.link)
-                run_hw = hw.with_link_slowed(factor) if link == "observed" and factor else hw
-                sim = replay(trace_path, policy=policies[name], hw=run_hw,
-                             memory_budget=int(real["memory_budget_bytes"]))
-                row: dict[str, Any] = {"preset": name, "budget": budget, "store": store_of(name),
-                                       "memory_budget_bytes": int(real["memory_budget_bytes"]),
-                                       "realrun_wall_s": real_s, "link_time_factor": factor,
-                                       "observed_link_bytes_per_s": io["bytes"] / io["busy_s"] if factor else None,
-                                       "simulated_link_bytes_per_s": run_hw.link.bandwidth_bytes_per_s}
-                for key in METRICS:
-                    row[key] = {"measured": float(real[key]), "simulated": float(sim[key]),
-                                "relative_error": relative_error(float(sim[key]), float(real[key]))}
-                row["measured_stall_s"] = float(real["gpu_stall_s"])
-                row["simulated_stall_s"] = float(sim["gpu_stall_s"])
-                if run_hw is not hw:  # the end-to-end numbers too, from the same run: no second realrun
-                    plain = replay(trace_path, policy=policies[name], hw=hw,
-                                   memory_budget=int(real["memory_budget_bytes"]))
-                    row["with_profile_link"] = {key: {
-                        "simulated": float(plain[key]),
-                        "relative_error": relative_error(float(plain[key]), float(real[key]))} for key in METRICS}
+                runs = [one_run(name, budget, trace_path) for _ in range(repeats)]
+                row: dict[str, Any] = {
+                    "preset": name, "budget": budget, "store": store_of(name),
+                    "memory_budget_bytes": int(runs[0]["real"]["memory_budget_bytes"]), "repeats": repeats,
+                    "realrun_wall_s": sum(r["wall_s"] for r in runs),
+                    "link_time_factor": _median_or_none([r["factor"] for r in runs]),
+                    "runs_link_time_factor": [r["factor"] for r in runs],
+                    "observed_link_bytes_per_s": _median_or_none([r["observed"] for r in runs]),
+                    "simulated_link_bytes_per_s": statistics.median(r["simulated_link"] for r in runs)}
+                for key in METRICS:  # medians over the repeats, on each side, then the error of the medians
+                    measured = statistics.median(float(r["real"][key]) for r in runs)
+                    simulated = statistics.median(float(r["sim"][key]) for r in runs)
+                    row[key] = {"measured": measured, "simulated": simulated,
+                                "relative_error": relative_error(simulated, measured)}
+                    if repeats > 1:
+                        row[key]["runs_measured"] = [float(r["real"][key]) for r in runs]
+                        row[key]["runs_simulated"] = [float(r["sim"][key]) for r in runs]
+                row["measured_stall_s"] = statistics.median(float(r["real"]["gpu_stall_s"]) for r in runs)
+                row["simulated_stall_s"] = statistics.median(float(r["sim"]["gpu_stall_s"]) for r in runs)
+                if link != "profile":
+                    row["with_profile_link"] = {}
+                    for key in METRICS:
+                        simulated = statistics.median(float(r["plain"][key]) for r in runs)
+                        row["with_profile_link"][key] = {
+                            "simulated": simulated, "relative_error": relative_error(simulated, row[key]["measured"])}
                 rows.append(row)
                 if progress:
                     progress(f"{name} {budget}")
@@ -187,7 +213,7 @@ def _validate(*, profile: str, model: str, max_error: float, budgets: str | None
         work.cleanup()
     return {"profile": hw.name, "profile_provenance": hw.provenance, "model": model, "device": device,
             "store": store, "link": link, "prompts": str(source_prompts), "num_prompts": num_prompts,
-            "max_new_tokens": new_tokens,
+            "max_new_tokens": new_tokens, "repeats": repeats,
             "load_average": list(os.getloadavg()), "rows": rows, "summary": summarize(rows, max_error),
             "summary_with_profile_link": summarize([r | r.get("with_profile_link", {}) for r in rows], max_error)}
 
@@ -279,7 +305,8 @@ def format_table(result: dict[str, Any]) -> str:
             f"{'decode tok/s real':>17} {'sim':>8} {'err':>7} | {'hit real':>8} {'sim':>6} {'err':>7} | "
             f"{'link GB/s real':>14} {'sim':>5}")
     lines = [f"profile {result['profile']} · model {result['model']} · {result['device']}/{result['store']} · "
-             f"{result['max_new_tokens']} new tokens per prompt · simulated link: {result['link']}",
+             f"{result['max_new_tokens']} new tokens per prompt · simulated link: {result['link']}"
+             + (f" · medians of {result['repeats']} runs" if result.get("repeats", 1) > 1 else ""),
              head, "-" * len(head)]
     for r in result["rows"]:
         cells = []

@@ -40,7 +40,7 @@ def test_small_validation_end_to_end(tiny_setup: tuple[Path, Path, Path], tmp_pa
     model, profile, prompts = tiny_setup
     result = validate_runs(profile=str(profile), model=str(model), presets="lru,fate", budgets="30%,60%",
                            prompts=str(prompts), max_new_tokens=4, num_prompts=2, store_dir=tmp_path,
-                           link="observed")
+                           link="observed", repeats=2)
     rows = result["rows"]
     assert [(r["preset"], r["budget"]) for r in rows] == [("lru", "30%"), ("lru", "60%"), ("fate", "30%"),
                                                          ("fate", "60%")]
@@ -53,14 +53,20 @@ def test_small_validation_end_to_end(tiny_setup: tuple[Path, Path, Path], tmp_pa
     for r in lru:  # same routing, same controller, no prediction: the caches hit exactly alike
         assert r["hit_rate"]["simulated"] == pytest.approx(r["hit_rate"]["measured"], abs=1e-12)
     assert lru[1]["hit_rate"]["measured"] >= lru[0]["hit_rate"]["measured"]
-    assert result["link"] == "observed"
+    assert result["link"] == "observed" and "medians of 2 runs" in format_table(result)
+    for r in rows:  # each side's number is the median of its two runs
+        for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+            m = r[key]
+            assert len(m["runs_measured"]) == 2 and m["measured"] == pytest.approx(sum(m["runs_measured"]) / 2)
+            assert m["simulated"] == pytest.approx(sum(m["runs_simulated"]) / 2)
     assert all(r["link_time_factor"] and r["observed_link_bytes_per_s"] for r in lru)  # misses were loaded
     assert result["summary_with_profile_link"]["configurations"] == 4
     assert "with the profile's link instead" in format_table(result)
     base = load_profile(profile).link.bandwidth_bytes_per_s
-    for r in rows:
-        if r["link_time_factor"] is not None:
-            assert r["simulated_link_bytes_per_s"] == pytest.approx(base / r["link_time_factor"])
+    for r in rows:  # each run is replayed at its own link factor
+        factors = r["runs_link_time_factor"]
+        if None not in factors:
+            assert r["simulated_link_bytes_per_s"] == pytest.approx(sum(base / f for f in factors) / 2)
     s = result["summary"]
     pooled = sorted(abs(r[k]["relative_error"]) for r in rows for k in ("prefill_tokens_per_s",
                                                                         "decode_tokens_per_s", "hit_rate"))
@@ -97,6 +103,7 @@ def test_link_time_factor() -> None:
     (dict(max_new_tokens=1), "--max-new-tokens"),
     (dict(device="cuda"), "cpu device"),
     (dict(link="psychic"), "--link"),
+    (dict(repeats=0), "--repeats"),
 ])
 def test_bad_input_is_a_user_error(tiny_setup: tuple[Path, Path, Path], kwargs: dict, message: str) -> None:
     """Unknown presets, empty lists, bad thresholds and a profile of another device kind are refused."""
