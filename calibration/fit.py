@@ -283,7 +283,7 @@ def build_profile(points: Sequence[Point], *, name: str, device_kind: str, memor
         copy_contention=fit_copy_contention(points),
         gpu_token_scale=token_scales(compute, {
             "expert_bf16": _select(points, "expert"), "shared": _select(points, "mlp"),
-            "attention": _select(points, "attention"),
+            "attention": _select(points, "attention"), "lm_head": _select(points, "lm_head"),
             **{f"expert_{p}": _select(points, f"expert_{p}") for p in ("int8", "int4", "int2")}}),
         cpu_token_scale=token_scales(cpu, {"expert_bf16": cpu_pts}),
     )

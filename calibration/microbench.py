@@ -22,6 +22,7 @@ Benchmarks, by `Point.kind`:
 - `dequant_<precision>`: the extra time of one 1-token expert stored in `<precision>` over the unquantised
   one; `nbytes` is the unquantised expert size `spec.expert_bytes("bf16")`, what `sim.costs` divides by
   the profile's rate.
+- `lm_head`: the vocabulary head on one position (the logits of a step's last token).
 - `layer`: the fixed per-layer work of one decode token: two RMSNorms, two residual adds, the router's
   softmax and top-k (the router matmul is a roofline op of its own in `sim.costs`).
 - `predictor`: the cross-layer predictor's decision for one token: the next layer's router applied to
@@ -420,6 +421,19 @@ def bench_attention(plan: BenchPlan, spec: ModelSpec) -> Iterator[Point]:
                     spec.attention_bytes(context) * _byte_scale(plan, spec), median, samples, context=context)
 
 
+def bench_lm_head(plan: BenchPlan, spec: ModelSpec) -> Point:
+    """The vocabulary head on one position (the last token's logits, once per forward step)."""
+    gen = torch.Generator().manual_seed(9)
+    h = spec.hidden_size
+    heads = [_weights(spec.vocab_size, h, plan.compute_dtype, plan.device, gen)
+             for _ in range(_copies(plan, spec.vocab_size * h * plan.compute_dtype.itemsize))]
+    x = torch.randn(1, h, generator=gen).to(plan.compute_dtype).to(plan.device)
+    turn = itertools.count()
+    median, samples = time_op(lambda: F.linear(x, heads[next(turn) % len(heads)]), repeats=plan.repeats,
+                              min_seconds=plan.min_seconds, device=plan.device)
+    return Point("lm_head", 1, spec.lm_head_flops(1), spec.lm_head_bytes * _byte_scale(plan, spec), median, samples)
+
+
 def bench_layer_overhead(plan: BenchPlan, spec: ModelSpec) -> Point:
     """Fixed per-layer work of one decode token: 2 RMSNorms, 2 residual adds, router softmax and top-k.
 
@@ -523,7 +537,7 @@ def count_steps(plan: BenchPlan) -> int:
     quantised = len(plan.dequant_precisions) * (len(plan.expert_tokens) + 1)
     contention = 2 * len(plan.contention_tokens) if plan.device == "cpu" else 0
     return (len(plan.link_sizes_bytes) + compute + len(plan.mlp_tokens) + len(plan.attention_points)
-            + quantised + contention + 2)
+            + quantised + contention + 3)
 
 
 def run_all(plan: BenchPlan, spec: ModelSpec, progress: Callable[[str], None] = lambda _: None,
@@ -551,6 +565,7 @@ def run_all(plan: BenchPlan, spec: ModelSpec, progress: Callable[[str], None] = 
             add(point)
         for point in bench_attention(plan, spec):
             add(point)
+        add(bench_lm_head(plan, spec))
         add(bench_layer_overhead(plan, spec))
         add(bench_predictor(plan, spec))
         for precision in plan.dequant_precisions:

@@ -55,9 +55,10 @@ class RooflineModel:
         return self.kernel_launch_s + max(flops / self.matmul_flops_per_s, nbytes / self.memory_bytes_per_s)
 
 
-TOKEN_SCALE_COLUMNS = ("expert_bf16", "expert_int8", "expert_int4", "expert_int2", "shared", "attention")
+TOKEN_SCALE_COLUMNS = ("expert_bf16", "expert_int8", "expert_int4", "expert_int2", "shared", "attention",
+                       "lm_head")
 """Operations a `TokenScales` table may correct: a routed expert stored in each precision, shared experts,
-attention (projections and scores of one layer)."""
+attention (projections and scores of one layer), the vocabulary head."""
 
 
 @dataclass(frozen=True)

@@ -222,6 +222,15 @@ class ModelSpec:
         scores = 2.0 * self.num_attention_heads * (score_dim + value_dim) * tokens * context
         return projections + scores
 
+    def lm_head_flops(self, tokens: int) -> float:
+        """FLOPs of the vocabulary head (final hidden state -> logits) for `tokens` positions."""
+        return 2.0 * self.vocab_size * self.hidden_size * tokens
+
+    @property
+    def lm_head_bytes(self) -> int:
+        """Bytes of the vocabulary head's weights (the embedding matrix when they are tied)."""
+        return self.vocab_size * self.hidden_size * self.weight_bytes
+
     def attention_bytes(self, context: int) -> int:
         """Bytes one layer's attention reads: its weights and the KV cache of `context` positions."""
         kv = context * self.kv_cache_bytes_per_token() // self.num_layers
