@@ -12,8 +12,8 @@ Fairness between the two sides:
 - realrun's disk store is built once per set of precisions and reused (`store_dir`), with HQQ's plain
   rounding (`optimize_quant=False`): quantisation quality changes the routing, which the trace records,
   not the timing;
-- one untimed warm-up run precedes the measured ones (thread pools, the store file), and each run's slot
-  memory is touched before its clock starts (`prefault_slots`).
+- one untimed warm-up run precedes the measured ones (thread pools, the store file); realrun touches its
+  slot memory when it allocates it, before the clock starts.
 
 The link: every row also reports what realrun's slow tier really delivered in that run: the bytes of its
 finished copies over the I/O thread's busy time, and that busy time over what the profile's link predicts
@@ -151,7 +151,7 @@ def _validate(*, profile: str, model: str, max_error: float, budgets: str | None
                 policy=policies[name], memory_budget=budget, device=_torch_device(device),
                 store=store_of(name), max_new_tokens=new_tokens,
                 store_path=stores / f"experts-{store_of(name)}-{precisions}.bin", profile=hw,
-                optimize_quant=False, trace_out=trace_path, engine_hook=prefault_slots)
+                optimize_quant=False, trace_out=trace_path)
             return result
 
         def store_of(name: str) -> str:
@@ -228,19 +228,6 @@ def summarize(rows: list[dict[str, Any]], max_error: float) -> dict[str, Any]:
     median = statistics.median(pooled)
     return {"configurations": len(rows), "median_abs_error": median, "max_abs_error": max(pooled),
             "per_metric": per_metric, "max_error": max_error, "passed": median <= max_error}
-
-
-def prefault_slots(engine: Any) -> None:
-    """Write every expert slot once before the run starts (untimed).
-
-    realrun allocates its slot arenas with an anonymous mmap, whose pages the kernel materialises (and
-    zeroes) on first touch, so the first O_DIRECT read into each slot also pays for page faults: on this
-    machine that made the first prefill of a run about 1.9x slower (6.9 s instead of 3.7 s for 32 tokens,
-    lod at 25%). A serving engine allocates once and pays this at start-up; the simulator does not model
-    it, so validation pays it before the clock starts.
-    """
-    for arena in getattr(engine, "arenas", []):
-        arena.fill_(0)
 
 
 def _model_folder(model: str) -> Path:

@@ -161,7 +161,12 @@ class OffloadEngine:
     def _alloc(self, nbytes: int) -> torch.Tensor:
         if self.device.type == "cuda":
             return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        return aligned_buffer(nbytes)  # page-aligned: O_DIRECT reads land in slots directly
+        arena = aligned_buffer(nbytes)  # page-aligned: O_DIRECT reads land in slots directly
+        # Touch every page now, at start-up: an anonymous mapping is materialised (and zeroed by the kernel)
+        # on first touch, which would otherwise land inside the first O_DIRECT read into each slot (the first
+        # prefill of a run measured 1.9x slower here).
+        arena.fill_(0)
+        return arena
 
     def _install(self) -> None:
         for layer, (_, block) in enumerate(self.blocks):

@@ -35,22 +35,23 @@ def tiny_setup(tiny_model: tuple[Path, Path], tmp_path_factory: pytest.TempPathF
 
 @pytest.mark.slow
 def test_small_validation_end_to_end(tiny_setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    """Two presets x two budgets: realrun's trace replays; hit rates agree; errors and summary are consistent;
+    """Three presets x two budgets: realrun's trace replays; hit rates agree; errors and summary are consistent;
     with link="observed" each run is replayed at the bandwidth its own copies achieved."""
     model, profile, prompts = tiny_setup
-    result = validate_runs(profile=str(profile), model=str(model), presets="lru,fate", budgets="30%,60%",
+    result = validate_runs(profile=str(profile), model=str(model), presets="lru,fate,cpu-exec", budgets="30%,60%",
                            prompts=str(prompts), max_new_tokens=4, num_prompts=2, store_dir=tmp_path,
                            link="observed", repeats=2)
     rows = result["rows"]
     assert [(r["preset"], r["budget"]) for r in rows] == [("lru", "30%"), ("lru", "60%"), ("fate", "30%"),
-                                                         ("fate", "60%")]
+                                                         ("fate", "60%"), ("cpu-exec", "30%"), ("cpu-exec", "60%")]
     for r in rows:
         for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
             m = r[key]
             assert m["measured"] > 0 and m["simulated"] > 0
             assert m["relative_error"] == pytest.approx((m["simulated"] - m["measured"]) / m["measured"])
     lru = [r for r in rows if r["preset"] == "lru"]
-    for r in lru:  # same routing, same controller, no prediction: the caches hit exactly alike
+    for r in lru + [r for r in rows if r["preset"] == "cpu-exec"]:  # same routing and controller: equal hits
+        # (cpu-exec: both pin the experts popular in the prompts, and realrun's pinned slots keep their bytes)
         assert r["hit_rate"]["simulated"] == pytest.approx(r["hit_rate"]["measured"], abs=1e-12)
     assert lru[1]["hit_rate"]["measured"] >= lru[0]["hit_rate"]["measured"]
     assert result["link"] == "observed" and "medians of 2 runs" in format_table(result)
@@ -60,7 +61,7 @@ def test_small_validation_end_to_end(tiny_setup: tuple[Path, Path, Path], tmp_pa
             assert len(m["runs_measured"]) == 2 and m["measured"] == pytest.approx(sum(m["runs_measured"]) / 2)
             assert m["simulated"] == pytest.approx(sum(m["runs_simulated"]) / 2)
     assert all(r["link_time_factor"] and r["observed_link_bytes_per_s"] for r in lru)  # misses were loaded
-    assert result["summary_with_profile_link"]["configurations"] == 4
+    assert result["summary_with_profile_link"]["configurations"] == 6
     assert "with the profile's link instead" in format_table(result)
     base = load_profile(profile).link.bandwidth_bytes_per_s
     for r in rows:  # each run is replayed at its own link factor
@@ -70,7 +71,7 @@ def test_small_validation_end_to_end(tiny_setup: tuple[Path, Path, Path], tmp_pa
     s = result["summary"]
     pooled = sorted(abs(r[k]["relative_error"]) for r in rows for k in ("prefill_tokens_per_s",
                                                                         "decode_tokens_per_s", "hit_rate"))
-    assert s["max_abs_error"] == pooled[-1] and s["configurations"] == 4
+    assert s["max_abs_error"] == pooled[-1] and s["configurations"] == 6
     assert "median |error|" in format_table(result)
     assert list(tmp_path.glob("experts-*.bin"))  # stores were built once and kept for reuse
 
