@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import simpy
 
 from sim.costs import CostModel
@@ -101,8 +102,14 @@ class Engine:
         self.predictor_latency_s = hw.cpu.predictor_latency_s
         self.predicts = ctl.policy.prefetch != "none"
         uses_rank = ctl.policy.prediction in NEEDS_LOOKAHEAD and ctl.prediction_limit <= RANK_DEPTH
-        self.rank = workload.lookahead_rank if presorted and uses_rank else None
-        """Pre-sorted look-ahead rankings handed to decode predictions (same result as sorting each time)."""
+        self.rank: tuple[np.ndarray, np.ndarray] | None = None
+        """Pre-sorted look-ahead rankings handed to decode predictions (same result as sorting each time):
+        (experts, probabilities) [T, L, D, m], cut to the m = `prediction_limit` candidates a decode
+        prediction can use (the predictors slice to at most that) and laid out so that one position's
+        rankings are contiguous (one `tolist()` each per step; ~2x faster than transposing every step)."""
+        if presorted and uses_rank:
+            m = ctl.prediction_limit
+            self.rank = tuple(np.ascontiguousarray(a[..., :m].transpose(1, 2, 0, 3)) for a in workload.lookahead_rank)
         self.cpu_free_at = 0.0
         """Closed-form CPU predictor thread: busy until (fast mode)."""
         self.cpu_expert_free_at = 0.0
@@ -151,15 +158,10 @@ class Engine:
         return [ids.tolist() for ids, _ in routes], [counts.tolist() for _, counts in routes]
 
     def _step_ranking(self, step: Step) -> list[tuple[list, list]]:
-        """Look-ahead rankings of a decode step: per layer, ([D][m] experts, [D][m] probabilities) as lists.
-
-        Speed: one conversion per step, cut to the `prediction_limit` candidates a decode prediction can
-        use (the predictors slice to at most that), so ~8x fewer floats become Python objects."""
+        """Look-ahead rankings of a decode step: per layer, ([D][m] experts, [D][m] probabilities) as lists."""
         ids, probs = self.rank
         t = step.token_start
-        m = self.ctl.prediction_limit
-        return list(zip(ids[:, t, :, :m].transpose(1, 0, 2).tolist(), probs[:, t, :, :m].transpose(1, 0, 2).tolist(),
-                        strict=True))
+        return list(zip(ids[t].tolist(), probs[t].tolist(), strict=True))
 
     # --- the GPU stream ------------------------------------------------------------------------------
     def gpu_stream(self, sync: bool = True) -> Iterator[float]:
