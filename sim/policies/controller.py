@@ -36,7 +36,7 @@ from sim.policies.allocation import allocate
 from sim.policies.eviction import FutureAccess, make_eviction
 from sim.policies.miss import MissPolicy
 from sim.policies.precision import PrecisionPolicy, largest
-from sim.policies.prediction import Signals, make_predictor
+from sim.policies.prediction import LookaheadPredictor, Signals, make_predictor
 from sim.policies.prefetch import PrefetchPolicy, fate_decode_count
 from sim.policies.presets import PolicyConfig
 from traces.errors import UserError
@@ -49,10 +49,9 @@ class Transfer:
     """One expert copy into fast memory, decided by the controller, carried out by an engine."""
 
     __slots__ = ("layer", "expert", "precision", "nbytes", "kind", "slot", "step", "after_transfer",
-                 "after_compute", "state", "used", "score", "start_at", "end_at")
+                 "after_compute", "state", "used", "start_at", "end_at")
 
-    def __init__(self, layer: int, expert: int, precision: str, nbytes: int, kind: str, slot: int, step: int,
-                 score: float = 0.0) -> None:
+    def __init__(self, layer: int, expert: int, precision: str, nbytes: int, kind: str, slot: int, step: int) -> None:
         self.layer = layer
         self.expert = expert
         self.precision = precision
@@ -70,8 +69,6 @@ class Transfer:
         self.state = QUEUED
         self.used = False
         """Prefetch: its expert was routed in the step and layer it was fetched for."""
-        self.score = score
-        """Prefetch: the predictor's confidence."""
         self.start_at = -1.0
         """Engine bookkeeping: when the copy started (s)."""
         self.end_at = -1.0
@@ -191,11 +188,20 @@ class OffloadController:
                                         limit=limit, future=future, score_fn=score_fn)
         self._predict, self._select = self.predictor.predict, self.prefetch.select_layer
         """Bound once: on_gate_input runs on every layer step."""
+        keep = self.prefetch.decode_prefix()
+        self._ranked_picks: int | None = None
+        """Decode with rankings sorted in advance (`Signals.lookahead_rank`), a one-layer look-ahead predictor
+        and a prefetch policy that keeps a fixed number of its best: predict + select pick this many of the
+        next layer's best-ranked experts (`on_gate_input` then takes them without either call)."""
+        if isinstance(self.predictor, LookaheadPredictor) and self.predictor.depth == 1 and keep is not None:
+            self._ranked_picks = min(self.predictor.decode_limit, keep)
         self._bytes = {p: spec.expert_bytes(p) for p in ("bf16", "int8", "int4", "int2")}
         """Bytes of one expert in each precision."""
         self._max_slots = self.expert_budget_bytes // self.slot_bytes
         """Most slots the budget holds (the invariant `_insert` checks)."""
         self._no_reuse = policy.eviction == "none"
+        self._loads_every_miss = policy.miss in ("wait", "lowbit")
+        """Whether the miss policy loads every miss (no CPU work, no substitutes): `_load_misses` applies."""
         self._no_prefetch = policy.prefetch == "none"
         self._observes = policy.prediction == "eap"
         """Only the EAP predictor learns from routes (the others' observe is a no-op)."""
@@ -214,7 +220,7 @@ class OffloadController:
         for layer, experts in enumerate(alloc.pinned):
             cache = self.caches[layer]
             for expert in experts:
-                t = self._insert(cache, layer, expert, stored[0], "preload", cache.free.pop(), 0.0)
+                t = self._insert(cache, layer, expert, stored[0], "preload", cache.free.pop())
                 t.state = DONE
                 cache.pinned.add(expert)
 
@@ -263,6 +269,9 @@ class OffloadController:
         """Layer `layer`'s gate input exists: predict the layers ahead and return the prefetches to issue."""
         if self._no_prefetch:
             return NO_ITEMS
+        rank = signals.lookahead_rank
+        if rank is not None and self._ranked_picks is not None and signals.num_tokens == 1 and self.phase == "decode":
+            return self._prefetch_ranked(layer, rank)
         phase, select, caches = self.phase, self._select, self.caches
         out: list[Transfer] = NO_ITEMS
         # One prediction per layer ahead (distinct targets), so the picks need no grouping by layer.
@@ -285,6 +294,35 @@ class OffloadController:
             self._stats["prefetches_issued"] += len(out)
         return out
 
+    def _prefetch_ranked(self, layer: int, rank: tuple[list[list[int]], list[list[float]]]) -> list[Transfer]:
+        """`on_gate_input` for a decode step with pre-sorted rankings where the picks are a fixed prefix of
+        the next layer's ranking (`_ranked_picks`): the same picks and prefetches as predict + select.
+
+        Speed: runs on every decode layer step under fate; no Prediction, no predictor or prefetch-policy
+        call. tests/sim/test_engine_fastpaths.py checks it against the reference engine, which sorts
+        instead (`Engine(reference=True)` passes no rankings)."""
+        target = layer + 1
+        ids = rank[0]
+        if target >= self.num_layers or not ids:
+            return NO_ITEMS
+        n = self._ranked_picks
+        experts = ids[0][:n]
+        if not experts:
+            return NO_ITEMS
+        cache = self.caches[target]
+        cache.selected.update(experts)
+        resident = cache.resident
+        for e in experts:
+            if e not in resident:
+                break
+        else:  # the common case: every pick already resident or in flight
+            return NO_ITEMS
+        out: list[Transfer] = []
+        self._prefetch_into(cache, target, experts, rank[1][0][:n], out)
+        if out:
+            self._stats["prefetches_issued"] += len(out)
+        return out
+
     def _prefetch_into(self, cache: _LayerCache, target: int, experts: Sequence[int], scores: Sequence[float],
                        out: list[Transfer]) -> None:
         """Prefetch the picks for layer `target` that are not resident, best first, while slots can be freed;
@@ -296,13 +334,13 @@ class OffloadController:
             items = [(e, s) for e, s in zip(experts, scores, strict=True) if e not in resident]
             precisions = self.precision.assign(self.phase, [e for e, _ in items], [s for _, s in items])
             by_expert = dict(zip([e for e, _ in items], precisions, strict=True))
-        for expert, score in zip(experts, scores, strict=True):
+        for expert in experts:
             if expert in resident:
                 continue
             slot = self._free_slot(cache, target, wanted, expert)
             if slot is None:
                 break
-            t = self._insert(cache, target, expert, fixed or by_expert[expert], "prefetch", slot, score)
+            t = self._insert(cache, target, expert, fixed or by_expert[expert], "prefetch", slot)
             cache.pending[expert] = t
             out.append(t)
 
@@ -353,11 +391,14 @@ class OffloadController:
                 cache.policy.on_access_many(hits, self.step)
             plan.hits = hits
         if n_hits < n_ids:
-            misses = []
-            for e in ids:
-                if e not in resident:
-                    misses.append(e)
-            self._plan_misses(cache, layer, ids, dict(zip(ids, tokens, strict=False)), misses, spare, plan)
+            if self._loads_every_miss and self._load_precision is not None and hasattr(cache.policy, "preference"):
+                self._load_misses(cache, layer, ids, tokens, plan)
+            else:
+                misses = []
+                for e in ids:
+                    if e not in resident:
+                        misses.append(e)
+                self._plan_misses(cache, layer, ids, dict(zip(ids, tokens, strict=False)), misses, spare, plan)
         if self._observes:
             self.predictor.observe(layer, ids)
         # The budget holds at every instant: `_insert` checks each new peak of occupied slots, the only
@@ -419,22 +460,81 @@ class OffloadController:
         for expert in load:
             precision = fixed or by_expert[expert]
             if free:
-                t = self._insert(cache, layer, expert, precision, "demand", free.pop(), 0.0)
+                t = self._insert(cache, layer, expert, precision, "demand", free.pop())
             else:
                 slot, after_t, after_c = self._demand_slot(cache, layer, counts, plan)
-                t = self._insert(cache, layer, expert, precision, "demand", slot, 0.0)
+                t = self._insert(cache, layer, expert, precision, "demand", slot)
                 t.after_transfer, t.after_compute = after_t, after_c
             loads.append(t)
             work.append((expert, counts[expert], precision, t))
+
+    def _load_misses(self, cache: _LayerCache, layer: int, ids: list[int], tokens: list[int],
+                     plan: LayerPlan) -> None:
+        """`_plan_misses` where the miss policy loads every miss in one precision and the eviction policy
+        exposes its `preference`: the same loads, slots and victims in one function.
+
+        Speed: a demand miss is the costliest common event of a replay; this path makes none of the ~8 calls
+        (`resolve`, `_demand_slot`, `preference`, `_evict`, `_insert`, ...) per miss that the general path
+        does. tests/sim/test_engine_fastpaths.py checks it against the general path for every preset."""
+        resident, pinned, policy, free = cache.resident, cache.pinned, cache.policy, cache.free
+        precision = self._load_precision
+        nbytes, step, work = self._bytes[precision], self.step, plan.gpu_work
+        loads: list[Transfer] = []
+        plan.loads = loads
+        misses = []  # all first: the fallback below may evict a hit routed after the miss being placed
+        for expert, n in zip(ids, tokens, strict=False):
+            if expert not in resident:
+                misses.append((expert, n))
+        for expert, n in misses:
+            after_t = after_c = None
+            if free:
+                slot = free.pop()
+            else:  # the policy's victim among experts not routed and not pinned, landed ones first
+                victim = None
+                for e in policy.preference(None):
+                    t = resident.get(e)
+                    if t is not None and t.state is DONE and e not in ids and e not in pinned:
+                        victim = e
+                        break
+                else:
+                    for e in policy.preference(None):
+                        if e in resident and e not in ids and e not in pinned:
+                            victim = e
+                            break
+                if victim is None:  # every slot holds an expert of this very step: the general path's fallback
+                    slot, after_t, after_c = self._demand_slot(cache, layer, ids, plan)
+                else:
+                    old = resident.pop(victim)
+                    if cache.pending.get(victim) is old:
+                        del cache.pending[victim]
+                    policy.on_remove(victim)
+                    self.occupied_slots -= 1
+                    slot = old.slot
+                    if old.state is not DONE:
+                        after_t = old
+                    if plan.evictions is NO_ITEMS:
+                        plan.evictions = [victim]
+                    else:
+                        plan.evictions.append(victim)
+                    self._stats["evictions"] += 1
+            t = Transfer(layer, expert, precision, nbytes, "demand", slot, step)
+            t.after_transfer, t.after_compute = after_t, after_c
+            resident[expert] = t
+            policy.on_insert(expert, step)
+            self.occupied_slots += 1
+            if self.occupied_slots > self.peak_slots:
+                self.peak_slots = self.occupied_slots
+                assert self.peak_slots <= self._max_slots, "expert budget exceeded"
+            loads.append(t)
+            work.append((expert, n, precision, t))
 
     # --- internals -----------------------------------------------------------------------------------
     def resident_bytes(self) -> int:
         """Bytes of fast memory held by expert slots now (slot bytes x occupied slots)."""
         return self.occupied_slots * self.slot_bytes
 
-    def _insert(self, cache: _LayerCache, layer: int, expert: int, precision: str, kind: str, slot: int,
-                score: float) -> Transfer:
-        t = Transfer(layer, expert, precision, self._bytes[precision], kind, slot, self.step, score)
+    def _insert(self, cache: _LayerCache, layer: int, expert: int, precision: str, kind: str, slot: int) -> Transfer:
+        t = Transfer(layer, expert, precision, self._bytes[precision], kind, slot, self.step)
         cache.resident[expert] = t
         cache.policy.on_insert(expert, self.step)
         self.occupied_slots += 1

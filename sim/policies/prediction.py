@@ -102,7 +102,7 @@ class LookaheadPredictor:
         self.top_k = top_k
         self.depth = depth
         """How many layers ahead to predict (<= the look-ahead depth D of the signals)."""
-        self._decode_limit = limit if name == "crosslayer" else top_k
+        self.decode_limit = limit if name == "crosslayer" else top_k
         """Candidates per layer ahead in decode."""
 
     def begin_step(self, step: int, phase: str) -> None:
@@ -115,7 +115,7 @@ class LookaheadPredictor:
         rank = signals.lookahead_rank
         if rank is not None and signals.num_tokens == 1:
             ids, values = rank  # [D][m], [D][m]
-            limit = self._decode_limit
+            limit = self.decode_limit
             # Speed (once per layer step): list slices instead of tuples, and Predictions made by tuple.__new__
             # (the NamedTuple constructor is a Python function, ~0.3 µs); depth 1, the default, needs no loop.
             if self.depth == 1 and layer + 1 < self.num_layers and ids:

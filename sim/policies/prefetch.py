@@ -65,6 +65,16 @@ class PrefetchPolicy:
         return experts[:count], scores[:count]
 
 
+    def decode_prefix(self) -> int | None:
+        """How many of a decode prediction's best experts `select_layer` keeps, when that is a fixed number
+        whatever the scores (`fate` without a confidence threshold, `topk`); else None."""
+        if self.name == "fate":
+            return self.fate_decode_count if self.confidence <= 0.0 else None
+        if self.name == "topk":
+            return self.prefetch_count
+        return None
+
+
 def fate_decode_count(decode_layer_s: float, int4_transfer_s: float) -> int:
     """Fate's prefetch count in decode: how many INT4 experts the link moves during one layer (>= 1)."""
     return max(1, math.floor(decode_layer_s / int4_transfer_s))

@@ -1,10 +1,11 @@
 """The engine's and controller's speed paths against their plain references: identical results.
 
 The fast loop (whole-step list conversion, pre-sorted rankings, inline predictor thread, expert-time
-tables), the controller's set-free victim search (a scan of the policy's `preference`) and its skipping of eviction bookkeeping
-in layers that hold every expert are what make cache and prefetch presets replay quickly; each is checked
-here against the plain path it replaces, for every preset.
-"""
+tables), the controller's set-free victim search (a scan of the policy's `preference`, which also gates its
+one-function demand-miss path `_load_misses`), its prefetch picks taken straight from the rankings
+(`_prefetch_ranked`, used only when rankings are passed) and its skipping of eviction bookkeeping in layers
+that hold every expert are what make cache and prefetch presets replay quickly; each is checked here
+against the plain path it replaces, for every preset."""
 
 from __future__ import annotations
 
