@@ -104,11 +104,13 @@ class Engine:
         uses_rank = ctl.policy.prediction in NEEDS_LOOKAHEAD and ctl.prediction_limit <= RANK_DEPTH
         self.rank: tuple[np.ndarray, np.ndarray] | None = None
         """Pre-sorted look-ahead rankings handed to decode predictions (same result as sorting each time):
-        (experts, probabilities) [T, L, D, m], cut to the m = `prediction_limit` candidates a decode
-        prediction can use (the predictors slice to at most that) and laid out so that one position's
-        rankings are contiguous (one `tolist()` each per step; ~2x faster than transposing every step)."""
+        (experts, probabilities) [T, L, D, m], cut to the m candidates a decode prediction can use (the
+        controller's `ranked_picks` where it takes a fixed prefix, else `prediction_limit`: the predictors
+        slice to at most that) and laid out so that one position's rankings are contiguous (one `tolist()`
+        each per step; ~2x faster than transposing every step, and converting 1 column instead of 4 under
+        fate on the RTX 3090 profile saves ~4 µs per step)."""
         if presorted and uses_rank:
-            m = ctl.prediction_limit
+            m = ctl.prediction_limit if ctl.ranked_picks is None else ctl.ranked_picks
             self.rank = tuple(np.ascontiguousarray(a[..., :m].transpose(1, 2, 0, 3)) for a in workload.lookahead_rank)
         self.cpu_free_at = 0.0
         """Closed-form CPU predictor thread: busy until (fast mode)."""
@@ -196,7 +198,7 @@ class Engine:
             ctl.start_forward(step.index, step.phase, n)
             signals.step, signals.phase, signals.num_tokens = step.index, step.phase, n
             signals.lookahead_rank = None
-            ranked = rank is not None and n == 1 and predicts
+            ranked = rank is not None and n == 1 and predicts and step.phase == "decode"
             if ranked:
                 signals.lookahead_probs = None
                 ranks = self._step_ranking(step)

@@ -22,6 +22,8 @@ from sim.policies.controller import CANCELLED, Transfer
 DEMAND, PREFETCH = 0, 1
 """Priorities: lower goes first."""
 
+_NEVER = float("inf")
+
 
 class Link:
     """Copy engines with a closed-form busy-until timeline."""
@@ -142,7 +144,7 @@ class Link:
     def end_of(self, t: Transfer) -> float:
         """When `t` lands, starting queued transfers in order until it has started."""
         while t.start_at < 0.0:
-            if not self._start_next(float("inf")):
+            if not self._start_next(_NEVER):
                 raise RuntimeError(f"{t} was never submitted to the link")
         return t.end_at
 

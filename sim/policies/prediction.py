@@ -53,8 +53,9 @@ class Signals:
     """[D, n, E] softmax over E of the gates of layers l+1..l+D applied to layer l's gate input; n = tokens."""
     lookahead_rank: tuple[list[list[int]], list[list[float]]] | None = None
     """Optional, decode only, instead of lookahead_probs: the same probabilities pre-sorted, (experts [D][m],
-    probs [D][m]) as lists, best first (ties: lower id), m <= E. An engine that ranks a whole trace at once
-    passes this to save a sort per layer."""
+    probs [D][m]) as lists, best first (ties: lower id), m <= E candidates: at least the controller's
+    `prediction_limit`, or its `ranked_picks` where set. An engine that ranks a whole trace at once passes
+    this to save a sort per layer."""
 
 
 class Prediction(NamedTuple):
