@@ -396,7 +396,7 @@ class OffloadController:
                 cache.policy.on_access_many(hits, self.step)
             plan.hits = hits
         if n_hits < n_ids:
-            if self._loads_every_miss and self._load_precision is not None and hasattr(cache.policy, "preference"):
+            if self._loads_every_miss and self._load_precision is not None and cache.policy.preference is not None:
                 self._load_misses(cache, layer, ids, tokens, plan)
             else:
                 misses = []
@@ -564,7 +564,7 @@ class OffloadController:
         if cache.free:
             return cache.free.pop()
         resident, pinned, policy = cache.resident, cache.pinned, cache.policy
-        if hasattr(policy, "preference"):  # scans the policy's order: no candidate set to build (see LRU)
+        if policy.preference is not None:  # scans the policy's order: no candidate set to build (see LRU)
             for victim in policy.preference(incoming):
                 t = resident.get(victim)
                 if t is not None and t.state is DONE and victim not in protected and victim not in pinned:
@@ -588,7 +588,7 @@ class OffloadController:
         # In use: the plan's GPU work so far, i.e. routed experts plus speculated substitutes.
         busy = {s for _, s in plan.substitutions} if plan.substitutions else ()
         resident, pinned, policy = cache.resident, cache.pinned, cache.policy
-        if hasattr(policy, "preference"):  # scans the policy's order: no candidate sets to build (see LRU)
+        if policy.preference is not None:  # scans the policy's order: no candidate sets to build (see LRU)
             victim = None
             for e in policy.preference(None):  # landed experts first
                 t = resident.get(e)

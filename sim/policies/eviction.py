@@ -2,7 +2,8 @@
 
 One policy object per MoE layer. The controller owns the cache contents (which experts are resident, in
 flight or pinned) and asks the policy only two things: keep your bookkeeping up to date (`on_insert`,
-`on_access`, `on_remove`) and pick a victim among the experts it may evict (`victim`). Candidates exclude
+`on_access`, `on_remove`) and pick a victim among the experts it may evict (`victim`; LRU and ARC also
+expose their whole eviction order as `preference`, the others set it to None). Candidates exclude
 pinned experts, experts in use by the current layer step and transfers not yet started, so every policy
 here is "the classic algorithm restricted to the evictable set".
 
@@ -107,6 +108,8 @@ class LFU:
 
     name = "lfu"
     records_accesses = True
+    preference = None
+    """No order to scan (see LRU.preference): the controller builds candidate sets and asks `victim`."""
 
     def __init__(self, capacity: int) -> None:
         self.count: dict[int, int] = {}
@@ -231,6 +234,8 @@ class _NoBookkeeping:
     """Policies whose victim needs no record of past accesses: every notification is ignored."""
 
     records_accesses = False
+    preference = None
+    """No order to scan (see LRU.preference): the controller builds candidate sets and asks `victim`."""
 
     def on_insert(self, expert: int, step: int) -> None:
         pass

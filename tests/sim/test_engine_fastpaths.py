@@ -25,14 +25,14 @@ from sim.units import parse_budget
 
 
 class _SetsOnly:
-    """An eviction policy with its `preference` hidden: the controller then builds candidate sets."""
+    """An eviction policy with its `preference` hidden (None): the controller then builds candidate sets."""
+
+    preference = None
 
     def __init__(self, policy) -> None:
         self._policy = policy
 
     def __getattr__(self, name: str):
-        if name == "preference":
-            raise AttributeError(name)
         return getattr(self._policy, name)
 
 
