@@ -51,19 +51,32 @@ class CostModel:
         return self.hw.link.transfer_s(nbytes)
 
     def attention_s(self, tokens: int, context: int) -> float:
-        """Per MoE layer, before its experts: layer overhead, attention with KV of `context`, router.
+        """Per MoE layer, before its experts: layer overhead, attention with KV of `context`, router, and the
+        layer's share of the step's work outside the MoE layers.
 
-        Dense (non-MoE) decoder layers are spread evenly over the MoE layers' attention segments.
+        Dense (non-MoE) decoder layers and the vocabulary head (`head_s`) are spread evenly over the MoE
+        layers' attention segments: the step's total is exact, their place within the step approximate.
         """
         spec, gpu = self.spec, self.hw.gpu
         attn = gpu.op_s(spec.attention_flops(tokens, context), spec.attention_bytes(context))
+        scale = self.hw.gpu_token_scale.factor("attention", tokens)
+        if scale is not None:
+            attn *= scale
         router = gpu.op_s(spec.router_flops(tokens), spec.router_params * spec.weight_bytes)
         dense = 0.0
         if spec.num_dense_layers:
             per_dense = (self.hw.layer_overhead_s + attn
                          + gpu.op_s(spec.dense_mlp_flops(tokens), spec.dense_mlp_params * spec.weight_bytes))
             dense = per_dense * spec.num_dense_layers / spec.num_moe_layers
-        return self.hw.layer_overhead_s + attn + router + dense
+        return self.hw.layer_overhead_s + attn + router + dense + self.head_s() / spec.num_moe_layers
+
+    def head_s(self) -> float:
+        """The vocabulary head once per forward step, on one position: the logits of the step's last token
+        (what a serving engine, and realrun, compute; a prefill's other positions need none)."""
+        spec = self.spec
+        head = self.hw.gpu.op_s(spec.lm_head_flops(1), spec.lm_head_bytes)
+        scale = self.hw.gpu_token_scale.factor("lm_head", 1)
+        return head * (1.0 if scale is None else scale)
 
     def shared_s(self, tokens: int) -> float:
         """Shared experts of one MoE layer (0 if the model has none)."""
