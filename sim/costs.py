@@ -28,6 +28,8 @@ class CostModel:
         self.expert_s = lru_cache(maxsize=None)(self._expert_s)
         self.cpu_expert_s = lru_cache(maxsize=None)(self._cpu_expert_s)
         self.transfer_s = lru_cache(maxsize=None)(self._transfer_s)
+        self._head_share_s = self.head_s() / spec.num_moe_layers
+        """Each MoE layer's share of the vocabulary head (s): the same every step, so computed once."""
 
     def _expert_s(self, tokens: int, precision: str) -> float:
         """GPU time of one routed expert on `tokens` tokens, stored in `precision`."""
@@ -68,7 +70,7 @@ class CostModel:
             per_dense = (self.hw.layer_overhead_s + attn
                          + gpu.op_s(spec.dense_mlp_flops(tokens), spec.dense_mlp_params * spec.weight_bytes))
             dense = per_dense * spec.num_dense_layers / spec.num_moe_layers
-        return self.hw.layer_overhead_s + attn + router + dense + self.head_s() / spec.num_moe_layers
+        return self.hw.layer_overhead_s + attn + router + dense + self._head_share_s
 
     def head_s(self) -> float:
         """The vocabulary head once per forward step, on one position: the logits of the step's last token

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import math
 import tomllib
 from dataclasses import dataclass
@@ -80,9 +81,13 @@ class TokenScales:
     columns: tuple[tuple[str, tuple[float, ...]], ...] = ()
     """(operation, ratio at each of `tokens`), operations from `TOKEN_SCALE_COLUMNS`."""
 
+    @functools.cached_property
+    def _by_name(self) -> dict[str, tuple[float, ...]]:
+        return dict(self.columns)
+
     def factor(self, operation: str, tokens: int) -> float | None:
         """Measured / roofline time of `operation` on `tokens` tokens; None when not calibrated."""
-        ratios = dict(self.columns).get(operation)
+        ratios = self._by_name.get(operation)
         if ratios is None:
             return None
         counts = self.tokens
