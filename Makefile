@@ -41,7 +41,7 @@ demo: $(TRACES)/mini-qwen-moe.safetensors
 		--policies lod,lru,eap,fate,oracle,oracle:precision=fate-hybrid
 
 bench: $(STAMP)
-	$(BIN)/python -m sim.bench
+	$(BIN)/python -m sim.bench --repeat 5
 
 # realrun against accelerate's offloading on a generated model with Qwen1.5-MoE expert shapes (needs ~9 GB free).
 bench-real: $(STAMP)
