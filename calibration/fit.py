@@ -4,8 +4,10 @@ The models are the ones `sim.hardware` evaluates:
 - link: `t = latency_s + nbytes / bandwidth_bytes_per_s`, linear in (latency, 1/bandwidth);
 - compute (roofline): `t = kernel_launch_s + max(flops / matmul_flops_per_s, nbytes / memory_bytes_per_s)`;
 - dequantisation: `t = output_bytes / rate`;
-- per-token corrections (`sim.hardware.TokenScales`): measured / roofline time of each routed-expert
-  point (per precision, on realrun's own path) and of each shared-MLP point, at its token count.
+- per-token corrections (`sim.hardware.TokenScales`): measured / roofline time at each token count of the
+  routed expert (per precision, on realrun's own path), the shared MLP, attention (median over contexts)
+  and the vocabulary head;
+- copy contention: compute beside background transfers over compute alone.
 
 All fits work on *relative* error: a 64 KiB read takes a thousandth of a 64 MiB one, and an absolute fit
 would let the large sizes decide everything (the latency would come out as noise). Two steps:

@@ -38,15 +38,13 @@ class CostModel:
         own = scales.factor(f"expert_{precision}", tokens)
         if own is not None:
             return roofline * own
-        unquantised = scales.factor("expert_bf16", tokens)
-        return (roofline * (1.0 if unquantised is None else unquantised)
-                + self.hw.dequant.dequant_s(precision, self.expert_bf16_bytes))
+        dequant = self.hw.dequant.dequant_s(precision, self.expert_bf16_bytes)
+        return roofline * scales.times("expert_bf16", tokens) + dequant
 
     def _cpu_expert_s(self, tokens: int) -> float:
         """CPU time of one routed expert on `tokens` tokens, reading its bf16 weights from host memory."""
         roofline = self.hw.cpu.compute.op_s(self.spec.expert_flops(tokens), self.expert_bf16_bytes)
-        scale = self.hw.cpu_token_scale.factor("expert_bf16", tokens)
-        return roofline * (1.0 if scale is None else scale)
+        return roofline * self.hw.cpu_token_scale.times("expert_bf16", tokens)
 
     def _transfer_s(self, nbytes: int) -> float:
         """Copy-engine time of one transfer of `nbytes`."""
@@ -60,10 +58,8 @@ class CostModel:
         layers' attention segments: the step's total is exact, their place within the step approximate.
         """
         spec, gpu = self.spec, self.hw.gpu
-        attn = gpu.op_s(spec.attention_flops(tokens, context), spec.attention_bytes(context))
-        scale = self.hw.gpu_token_scale.factor("attention", tokens)
-        if scale is not None:
-            attn *= scale
+        attn = (gpu.op_s(spec.attention_flops(tokens, context), spec.attention_bytes(context))
+                * self.hw.gpu_token_scale.times("attention", tokens))
         router = gpu.op_s(spec.router_flops(tokens), spec.router_params * spec.weight_bytes)
         dense = 0.0
         if spec.num_dense_layers:
@@ -77,8 +73,7 @@ class CostModel:
         (what a serving engine, and realrun, compute; a prefill's other positions need none)."""
         spec = self.spec
         head = self.hw.gpu.op_s(spec.lm_head_flops(1), spec.lm_head_bytes)
-        scale = self.hw.gpu_token_scale.factor("lm_head", 1)
-        return head * (1.0 if scale is None else scale)
+        return head * self.hw.gpu_token_scale.times("lm_head", 1)
 
     def shared_s(self, tokens: int) -> float:
         """Shared experts of one MoE layer (0 if the model has none)."""
@@ -86,8 +81,7 @@ class CostModel:
         if not spec.shared_expert_intermediate_size:
             return 0.0
         roofline = self.hw.gpu.op_s(spec.shared_expert_flops(tokens), spec.shared_expert_params * spec.weight_bytes)
-        scale = self.hw.gpu_token_scale.factor("shared", tokens)
-        return roofline * (1.0 if scale is None else scale)
+        return roofline * self.hw.gpu_token_scale.times("shared", tokens)
 
     def decode_layer_s(self, precision: str = "int4", context: int = 256) -> float:
         """Compute time of one decode MoE layer with all top-k experts resident (Fate's "layer time")."""

@@ -4,8 +4,8 @@ A profile is a TOML file (schema in ARCHITECTURE.md): the link that brings exper
 (latency + bytes / bandwidth, per copy engine), a roofline model of the device's compute, dequantisation
 throughput, and the CPU (predictor latency, CPU execution of missed experts). A calibrated profile may
 add measured per-token-count corrections to the roofline (`[gpu.token_scale]`, `[cpu.token_scale]`).
-Shipped profiles live in `sim/profiles/`; `load_profile` takes a shipped name or a path. Units: seconds, bytes, FLOPs. Only this
-module reads the file, so only it knows the TOML layout.
+Shipped profiles live in `sim/profiles/`; `load_profile` takes a shipped name or a path. Units: seconds,
+bytes, FLOPs. Only this module reads the file, so only it knows the TOML layout.
 """
 
 from __future__ import annotations
@@ -99,6 +99,11 @@ class TokenScales:
         lo = hi - 1
         w = (math.log(tokens) - math.log(counts[lo])) / (math.log(counts[hi]) - math.log(counts[lo]))
         return ratios[lo] + w * (ratios[hi] - ratios[lo])
+
+    def times(self, operation: str, tokens: int) -> float:
+        """The factor to multiply `operation`'s roofline time by: `factor`, or 1 when not calibrated."""
+        ratio = self.factor(operation, tokens)
+        return 1.0 if ratio is None else ratio
 
     def to_toml_dict(self) -> dict[str, list]:
         return {"tokens": list(self.tokens), **{name: list(ratios) for name, ratios in self.columns}}

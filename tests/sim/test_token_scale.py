@@ -93,3 +93,8 @@ def test_copy_contention_is_optional_checked_and_round_trips() -> None:
     profile = profile_from_dict(_profile_dict(copy_contention=1.25))
     assert profile.copy_contention == 1.25
     assert profile_from_dict(profile.to_toml_dict()).copy_contention == 1.25
+
+
+def test_times_is_the_factor_or_one() -> None:
+    assert SCALES.times("expert_bf16", 4) == 3.0
+    assert SCALES.times("expert_int8", 4) == 1.0
