@@ -18,9 +18,9 @@ import heapq
 from collections.abc import Callable
 
 from sim.policies.controller import CANCELLED, Transfer
+from sim.policies.transfer_queue import DEMAND, PREFETCH, TransferQueue
 
-DEMAND, PREFETCH = 0, 1
-"""Priorities: lower goes first."""
+__all__ = ["DEMAND", "PREFETCH", "Link"]
 
 _NEVER = float("inf")
 
@@ -36,10 +36,8 @@ class Link:
         self.duration_s = duration_s
         self.on_start = on_start
         self.on_done = on_done
-        self.queue: list[list] = []
-        """Queued transfers: [priority, ready_at, seq, transfer] (a few at a time: found by scanning)."""
-        self.promoted: set[int] = set()
-        """ids of transfers promoted to on-demand before being submitted."""
+        self.queue: TransferQueue[Transfer] = TransferQueue()
+        """Transfers submitted and not yet started."""
         self.in_flight: list[tuple[float, int, Transfer]] = []
         """Heap of (end_at, seq, transfer) started and not yet reported landed."""
         self.seq = 0
@@ -55,30 +53,16 @@ class Link:
         """Queue `t`; it may start from `ready_at` on. A cancelled transfer is ignored."""
         if t.state == CANCELLED:
             return
-        if self.promoted and id(t) in self.promoted:
-            priority = DEMAND
-        self.seq += 1
-        self.queue.append([priority, ready_at, self.seq, t])
-
-    def _entry(self, t: Transfer) -> list | None:
-        for entry in self.queue:
-            if entry[3] is t:
-                return entry
-        return None
+        self.queue.submit(t, priority, ready_at)
 
     def cancel(self, t: Transfer) -> None:
         """Drop a queued (not started) transfer."""
-        entry = self._entry(t)
-        if entry is not None:
-            self.queue.remove(entry)
+        self.queue.cancel(t)
 
     def promote(self, t: Transfer) -> None:
-        """A queued prefetch is now needed by the running layer: serve it as an on-demand load."""
-        entry = self._entry(t)
-        if entry is None:
-            self.promoted.add(id(t))
-        else:
-            entry[0] = DEMAND
+        """A queued (or not yet submitted) prefetch is now needed by the running layer: serve it as an
+        on-demand load."""
+        self.queue.promote(t)
 
     def _start_next(self, until: float) -> bool:
         """Start the next transfer if it starts before `until`; return whether one started."""
@@ -91,16 +75,11 @@ class Link:
         else:
             start = min(free_at)
             engine = free_at.index(start)
-        # the usual case: one transfer waiting; it starts when both it and the engine are free
-        best = queue[0] if len(queue) == 1 else self._pick(queue, start)
-        if best[1] > start:
-            start = best[1]
+        start, t = queue.next_start(start)
         if start >= until:
             return False
-        queue.remove(best)
-        t = best[3]
-        if self.promoted:
-            self.promoted.discard(id(t))
+        queue.take(t)
+        self.seq += 1
         duration = self.duration_s(t.nbytes)
         end = start + duration
         free_at[engine] = end
@@ -110,27 +89,8 @@ class Link:
         if self.record:
             self.spans.append((engine, start, end, t))
         self.on_start(t)
-        heapq.heappush(self.in_flight, (end, best[2], t))
+        heapq.heappush(self.in_flight, (end, self.seq, t))
         return True
-
-    @staticmethod
-    def _pick(queue: list[list], start: float) -> list:
-        """The entry to start when an engine frees at `start`: the best (priority, ready_at, seq) among those
-        ready by then, else the best among those ready at the earliest ready time."""
-        best = None
-        earliest = None
-        for entry in queue:  # best = min (priority, ready_at, seq) among entries ready by `start`
-            ready = entry[1]
-            if ready <= start:
-                if best is None or entry < best:
-                    best = entry
-            elif earliest is None or ready < earliest:
-                earliest = ready
-        if best is None:  # nothing ready yet: the engine idles until the earliest ready time
-            for entry in queue:
-                if entry[1] <= earliest and (best is None or entry < best):
-                    best = entry
-        return best
 
     def advance(self, until: float) -> None:
         """Start every transfer that starts before `until` and report those landed by `until`."""
@@ -156,9 +116,8 @@ class Link:
         for free in self.free_at:
             if free > now:
                 work += free - now
-        for entry in self.queue:
-            if entry[1] <= now:
-                work += self.duration_s(entry[3].nbytes)
+        for t in self.queue.ready_by(now):
+            work += self.duration_s(t.nbytes)
         return now + work / len(self.free_at)
 
     def drain(self) -> float:
