@@ -193,6 +193,7 @@ class FakeDevice(Device):
             for agent in ("compute", "copy"):
                 clock = _join(clock, self._clocks.get(agent, {}))
             self._clocks[host] = clock
+            self.log.append(Op(host, "wait", "all", dict(clock)))
             for _, buffer, data in self._deferred:
                 buffer.copy_(data)
             self._deferred = []
