@@ -409,7 +409,8 @@ class OffloadEngine:
             routed = served_by.get(expert, expert)
             dev.access(dev.compute, slot_key(layer, slot))
             record, layout = self._slot_record(layer, slot, expert, precision)
-            outputs[routed] = self._compute(record, layout, precision, hidden, expert_mask[routed], top_k_weights,
+            # keyed by the expert computed: the sum's order is transformers' on the routing as served
+            outputs[expert] = self._compute(record, layout, precision, hidden, expert_mask[routed], top_k_weights,
                                             act_fn)
             waiting = deferred.pop(expert, None)
             if waiting:  # a load reuses this slot now: it may land once this compute is done
