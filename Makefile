@@ -9,7 +9,7 @@ PROMPTS := traces/prompts/default.jsonl
 MAX_NEW_TOKENS ?= 32
 export PYTHONHASHSEED := 0
 
-.PHONY: install demo test lint trace models bench bench-real calibrate validate clean
+.PHONY: install demo test lint trace models bench bench-real calibrate validate gpu-wheels gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -60,6 +60,26 @@ calibrate: $(PROFILE)
 
 validate: $(PROFILE)
 	$(FATESIM) validate --profile $(PROFILE) --model bench --num-prompts 2 --max-new-tokens 8 --link observed
+
+# Every check that needs a CUDA GPU, once, in at most 8 minutes, into one folder to commit (pytest -m cuda,
+# realrun bit-equal to transformers on CUDA, calibrate --device cuda, validate --device cuda, the full-size
+# run): see calibration/gpu_check.py. The GPU machine has python3 with torch but no package registry, so
+# `make gpu-wheels` (here) puts the missing pure-Python wheels into .whl/; gpu-check installs them from there.
+GPU_PY ?= python3
+GPU_OUT ?= gpu-check/$(shell date -u +%Y%m%dT%H%M%SZ)
+GPU_SITE ?= /tmp/fatesim-site
+GPU_WHEELS := simpy==4.1.2 tomli_w==1.2.0 termcolor==3.3.0 transformers==5.24.0
+
+gpu-wheels: $(STAMP)
+	mkdir -p .whl
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl $(GPU_WHEELS)
+	$(BIN)/python -m pip wheel -q --no-deps -w .whl hqq==0.2.8.post1  # an sdist only; pure Python
+
+gpu-check:
+	if ls .whl/*.whl >/dev/null 2>&1; then $(GPU_PY) -m pip install -q --no-index --no-deps --no-compile \
+		--no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl; fi
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(GPU_PY) -m calibration.gpu_check --out $(GPU_OUT) $(GPU_ARGS)
 
 models: $(STAMP)
 	$(BIN)/python -m traces.train_models --model all --threads 1

@@ -14,10 +14,12 @@ Variants:
 - `int4`, `int2`: every routed expert quantised and dequantised with realrun's HQQ codec (no second quantiser);
 - `fate-hybrid`: `sim.policies.precision.PrecisionPolicy("fate-hybrid", int2_rate)` chooses per layer step:
   in prefill the least popular experts go INT2 up to `int2_rate` of the routing mass, the rest INT4; decode INT4;
-- `speculate`: the `speculate` preset's `OffloadController` (LRU cache of `budget`, speculative
-  quasi-hidden-state prefetch) runs alongside the model; where it substitutes a resident speculated expert
-  for a missing routed one, the model really computes the substitute. Transfers complete at once, which
-  does not change which experts are substituted (that depends only on cache contents).
+- `speculate`: the `speculate` preset run by realrun's own engine (`realrun.engine.OffloadEngine`) with
+  real transfers from a RAM tier into an expert cache of `budget`, one engine (empty cache) per sequence:
+  where the controller substitutes a resident speculated expert for a missing routed one, the model
+  really computes the substitute. Which experts are substituted depends on which prefetches are still
+  queued when their layer routes (those are cancelled, not kept as spares), so transfers must take real
+  time; the row reports the substitution rate this run really had.
 
 Routed experts are found as modules holding 3-D `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]
 (transformers 5 Qwen2-MoE, DeepSeek-V2, ...); their router is the sibling `gate` module.
@@ -102,7 +104,7 @@ def quantised_bank(spec: ModelSpec, layer: MoeLayer, precision: str) -> tuple[to
 class Variant:
     """Installs one variant into the model's expert modules, and removes it again."""
 
-    def __init__(self, name: str, spec: ModelSpec, layers: list[MoeLayer], *, budget: str, model_type: str,
+    def __init__(self, name: str, spec: ModelSpec, layers: list[MoeLayer], *, model_type: str,
                  bank_cache: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None):
         if name not in VARIANTS:
             raise UserError(f"unknown accuracy variant {name!r}; choose from {', '.join(VARIANTS)}")
@@ -110,40 +112,23 @@ class Variant:
         self.spec = spec
         self.layers = layers
         self.banks: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        needed = {"lossless": ["bf16"], "int4": ["int4"], "int2": ["int2"], "fate-hybrid": ["int4", "int2"],
-                  "speculate": ["bf16"]}[name]
+        if name == "speculate":
+            raise ValueError("the speculate variant runs on realrun's engine: use RealrunSpeculate")
+        needed = {"lossless": ["bf16"], "int4": ["int4"], "int2": ["int2"], "fate-hybrid": ["int4", "int2"]}[name]
         cache = {} if bank_cache is None else bank_cache  # quantising is the slow part: once per precision
         for precision in needed:
             if precision not in cache:
                 cache[precision] = [quantised_bank(spec, layer, precision) for layer in layers]
             self.banks[precision] = cache[precision]
         self.int2_rate = FATE_INT2_RATE.get(model_type, 0.3)
-        self.budget = budget
-        self.controller: Any = None
-        self.step = 0
-        self.substituted = 0
-        """Routed (token, expert) pairs computed by a substitute (speculate)."""
-        self.routed = 0
         self.loaded: list[str] = ["lossless"] * len(layers)
         """What each layer's expert weights hold now ("lossless", a precision, or "mixed")."""
 
     def begin_sequence(self) -> None:
-        """A new sequence starts: the speculate controller starts from an empty cache."""
-        if self.name != "speculate":
-            return
-        from sim.hardware import load_profile
-        from sim.policies.controller import OffloadController
-        from sim.policies.presets import build_policy
-        from sim.units import parse_budget
-
-        budget = parse_budget(self.budget, self.spec) - self.spec.resident_bytes(0)
-        self.controller = OffloadController(self.spec, build_policy("speculate"), budget,
-                                            hw=load_profile("rtx3090-pcie3"))
+        """A new sequence starts (nothing to reset: these variants keep no state across forwards)."""
 
     def begin_forward(self, num_tokens: int) -> None:
-        if self.controller is not None:
-            self.controller.start_forward(self.step, "prefill" if num_tokens > 1 else "decode", num_tokens)
-        self.step += 1
+        """A forward of `num_tokens` tokens starts."""
 
     @contextmanager
     def installed(self) -> Iterator[None]:
@@ -162,9 +147,6 @@ class Variant:
             phase = "prefill" if hidden.shape[0] > 1 else "decode"
             if self.name == "fate-hybrid":
                 self._load_hybrid(index, phase, top_k_index)
-            elif self.name == "speculate":
-                top_k_index = self._speculate(index, hidden, top_k_index)
-                self._load("bf16", index)
             else:
                 self._load(next(iter(self.banks)), index)
             return layer.original_forward(hidden, top_k_index, top_k_weights)
@@ -194,35 +176,88 @@ class Variant:
                 module.gate_up_proj.data[expert].copy_(int2_gu[expert])
                 module.down_proj.data[expert].copy_(int2_down[expert])
 
-    def _speculate(self, index: int, hidden: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
-        from sim.policies.prediction import Signals
 
-        ctl = self.controller
-        n = hidden.shape[0]
-        ahead = [layer.router_weight for layer in self.layers[index + 1: index + 1 + ctl.policy.lookahead]]
-        probs = np.stack([F.softmax(F.linear(hidden.float(), w.float()), dim=-1).numpy() for w in ahead]) \
-            if ahead else np.zeros((0, n, self.spec.num_experts))
-        phase = "prefill" if n > 1 else "decode"
-        for t in ctl.on_gate_input(index, Signals(step=self.step, phase=phase, num_tokens=n, lookahead_probs=probs)):
-            ctl.on_transfer_started(t)
-            ctl.on_transfer_done(t)
-        ids, counts = np.unique(top_k_index.numpy(), return_counts=True)
-        plan = ctl.on_route(index, ids.astype(np.int64), counts.astype(np.int64))
-        for t in plan.loads:
-            ctl.on_transfer_started(t)
-            ctl.on_transfer_done(t)
-        self.routed += int(top_k_index.numel())
-        if not plan.substitutions:
-            return top_k_index
-        out = top_k_index.clone()
-        for routed, substitute in plan.substitutions:
-            mask = top_k_index == routed
-            self.substituted += int(mask.sum())
-            out[mask] = substitute
-        return out
+class RealrunSpeculate:
+    """The `speculate` variant: realrun's engine and the preset's controller serve the model's experts from a
+    RAM tier, with real copies on the I/O thread; a fresh engine (empty cache) per sequence."""
+
+    name = "speculate"
+
+    def __init__(self, net: torch.nn.Module, budget: str) -> None:
+        import copy
+
+        from realrun.engine import moe_blocks, spec_of
+        from realrun.runner import build_store, expert_budget
+        from sim.policies.presets import build_policy
+        from sim.units import parse_budget
+
+        self.net = net
+        self.budget = budget
+        self.policy = build_policy("speculate")
+        self.spec = spec_of(net, "accuracy")
+        self.expert_budget_bytes = expert_budget(parse_budget(budget, self.spec), self.spec, 0)
+        self._blocks = [(block, block.experts) for _, block in moe_blocks(net)]
+        # the slow tier packs a copy's experts (a RAM store drops the weights it has packed from its model)
+        # Outside inference mode: the I/O thread (a thread of its own, not in inference mode) writes the slots.
+        with torch.inference_mode(False):
+            packed = copy.deepcopy(net)
+            self.store, self.layouts = build_store(self.spec, moe_blocks(packed), ["bf16"], "ram",
+                                                   torch.device("cpu"))
+        del packed
+        self.engine: Any = None
+        self.step = 0
+        self.substituted = 0
+        """Routed (token, expert) pairs computed by a substitute."""
+        self.routed = 0
+        """Routed (token, expert) pairs."""
+        self.substitutions = 0
+        """Routed experts substituted (per layer step)."""
+
+    def begin_sequence(self) -> None:
+        """A new sequence: close the previous engine, open one with an empty cache."""
+        from realrun.engine import OffloadEngine
+        from sim.hardware import load_profile
+        from sim.policies.controller import OffloadController
+
+        self._close()
+        # the profile only sets Fate's decode prefetch count, which speculate does not use
+        ctl = OffloadController(self.spec, self.policy, self.expert_budget_bytes, hw=load_profile("rtx3090-pcie3"))
+        route = ctl.on_route
+
+        def counted(layer: int, ids: np.ndarray, counts: np.ndarray):
+            plan = route(layer, ids, counts)
+            tokens = dict(zip(ids.tolist(), counts.tolist(), strict=True))
+            self.routed += sum(tokens.values())
+            for routed, _ in plan.substitutions:
+                self.substituted += tokens[routed]
+            self.substitutions += len(plan.substitutions)
+            return plan
+
+        ctl.on_route = counted
+        with torch.inference_mode(False):  # slots the I/O thread may write (see __init__)
+            self.engine = OffloadEngine(self.net, self.spec, ctl, self.store, self.layouts, torch.device("cpu"),
+                                        lookahead=self.policy.lookahead)
+
+    def begin_forward(self, num_tokens: int) -> None:
+        self.engine.start_forward(self.step, "prefill" if num_tokens > 1 else "decode", num_tokens)
+        self.step += 1
+
+    def _close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+            for block, experts in self._blocks:  # the model's own experts modules back in place
+                block.experts = experts
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            self._close()
 
 
-def _forward_logits(model: torch.nn.Module, variant: Variant | None, ids: torch.Tensor,
+def _forward_logits(model: torch.nn.Module, variant: Variant | RealrunSpeculate | None, ids: torch.Tensor,
                     past: Any = None) -> tuple[torch.Tensor, Any]:
     if variant is not None:
         variant.begin_forward(ids.shape[1])
@@ -230,7 +265,8 @@ def _forward_logits(model: torch.nn.Module, variant: Variant | None, ids: torch.
     return out.logits[0].float(), out.past_key_values
 
 
-def perplexity(model: torch.nn.Module, tokens: torch.Tensor, window: int, variant: Variant | None) -> float:
+def perplexity(model: torch.nn.Module, tokens: torch.Tensor, window: int,
+               variant: Variant | RealrunSpeculate | None) -> float:
     """exp(mean next-token NLL) over non-overlapping windows of `tokens` [T], each one prefill."""
     total_nll, count = 0.0, 0
     for start in range(0, len(tokens) - 1, window):
@@ -256,7 +292,8 @@ def greedy_continuation(model: torch.nn.Module, prompt: torch.Tensor, n: int) ->
     return torch.tensor(out)
 
 
-def agreement(model: torch.nn.Module, prompt: torch.Tensor, reference: torch.Tensor, variant: Variant) -> int:
+def agreement(model: torch.nn.Module, prompt: torch.Tensor, reference: torch.Tensor,
+              variant: Variant | RealrunSpeculate) -> int:
     """Decode steps (of len(reference)) where the variant's argmax equals the reference token."""
     variant.begin_sequence()
     logits, past = _forward_logits(model, variant, prompt.unsqueeze(0))
@@ -317,7 +354,8 @@ def _measure(*, model: str, text_path: str | Path, max_tokens: int, generate_tok
     rows = []
     banks: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for name in variants:
-        variant = Variant(name, spec, layers, budget=budget, model_type=spec.model_type, bank_cache=banks)
+        variant = (RealrunSpeculate(net, budget) if name == "speculate" else
+                   Variant(name, spec, layers, model_type=spec.model_type, bank_cache=banks))
         with variant.installed():
             ppl = perplexity(net, tokens, window, variant)
             matches = sum(agreement(net, p, r, variant) for p, r in zip(prompts, references, strict=True))
@@ -328,6 +366,8 @@ def _measure(*, model: str, text_path: str | Path, max_tokens: int, generate_tok
         if name == "speculate":
             row["budget"] = budget
             row["substituted_fraction"] = variant.substituted / max(1, variant.routed)
+            row["substitutions"] = variant.substitutions
+            row["transfers"] = "realrun engine, RAM tier"
         rows.append(row)
     return {"model": str(folder), "text": str(path), "scored_tokens": int(len(tokens)),
             "reference_perplexity": reference_ppl, "window": window, "num_prompts": num_prompts,

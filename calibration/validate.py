@@ -16,8 +16,9 @@ Fairness between the two sides:
   slot memory when it allocates it, before the clock starts.
 
 The link: every row also reports what realrun's slow tier really delivered in that run: the bytes of its
-finished copies over the I/O thread's busy time, and that busy time over what the profile's link predicts
-for the same copies (`link_time_factor`). With `link="profile"` (the default) the simulator uses the
+finished copies over their busy time (each copy's start and end events: CUDA events on a GPU, where an
+asynchronous copy's host time would only be its enqueue; perf_counter on the CPU; `link_clock`), and that
+busy time over what the profile's link predicts for the same copies (`link_time_factor`). With `link="profile"` (the default) the simulator uses the
 profile's link as calibrated: the end-to-end check. With `link="observed"` it replays each run with the
 link slowed (or sped up) by that run's factor: on a machine whose disk speed wanders (this VM's: 1.0-3.1
 GB/s within minutes), that separates the simulator's modelling error from the hardware's drift between
@@ -174,7 +175,7 @@ def _validate(*, profile: str, model: str, max_error: float, budgets: str | None
             # the end-to-end numbers too, from the same run: no second realrun
             plain = sim if run_hw is hw else replay(trace_path, policy=policies[name], hw=hw,
                                                     memory_budget=budget_bytes)
-            return {"real": real, "sim": sim, "plain": plain, "wall_s": wall_s, "factor": factor,
+            return {"real": real, "sim": sim, "plain": plain, "wall_s": wall_s, "factor": factor, "clock": io["clock"],
                     "observed": io["bytes"] / io["busy_s"] if factor else None,
                     "simulated_link": run_hw.link.bandwidth_bytes_per_s}
 
@@ -189,6 +190,7 @@ def _validate(*, profile: str, model: str, max_error: float, budgets: str | None
                     "link_time_factor": _median_or_none([r["factor"] for r in runs]),
                     "runs_link_time_factor": [r["factor"] for r in runs],
                     "observed_link_bytes_per_s": _median_or_none([r["observed"] for r in runs]),
+                    "link_clock": runs[0]["clock"],
                     "simulated_link_bytes_per_s": statistics.median(r["simulated_link"] for r in runs)}
                 for key in METRICS:  # medians over the repeats, on each side, then the error of the medians
                     measured = statistics.median(float(r["real"][key]) for r in runs)
@@ -212,6 +214,7 @@ def _validate(*, profile: str, model: str, max_error: float, budgets: str | None
     finally:
         work.cleanup()
     return {"profile": hw.name, "profile_provenance": hw.provenance, "model": model, "device": device,
+            "link_clock": rows[0]["link_clock"] if rows else None,
             "store": store, "link": link, "prompts": str(source_prompts), "num_prompts": num_prompts,
             "max_new_tokens": new_tokens, "repeats": repeats,
             "load_average": list(os.getloadavg()), "rows": rows, "summary": summarize(rows, max_error),

@@ -290,12 +290,15 @@ def run_offloaded(model: nn.Module, prompts: Prompts, *, model_name: str, policy
     return result, gen
 
 
-def io_observed(engine: OffloadEngine) -> dict[str, float]:
-    """What the slow tier really delivered in this run: finished copies, their bytes and the I/O thread's
-    busy seconds (so `bytes / (busy_s - copies * latency)` is the bandwidth the hardware gave)."""
+def io_observed(engine: OffloadEngine) -> dict[str, Any]:
+    """What the slow tier really delivered in this run: finished copies, their bytes and the copy stream's
+    busy seconds from each copy's start and end events (CUDA events on a GPU, perf_counter on the host:
+    `clock`), so `bytes / (busy_s - copies * latency)` is the bandwidth the hardware gave."""
     spans = engine.loader.spans
-    return {"copies": len(spans), "bytes": int(sum(copy.nbytes for _, _, copy in spans)),
-            "busy_s": float(engine.loader.busy_s)}
+    nbytes, busy_s = int(sum(copy.nbytes for _, _, copy in spans)), float(engine.loader.busy_s)
+    return {"copies": len(spans), "bytes": nbytes, "busy_s": busy_s,
+            "observed_bytes_per_s": nbytes / busy_s if busy_s > 0 else None, "clock": engine.dev.clock,
+            "cancelled_after_start": engine.cancel_races}
 
 
 def write_timeline(engine: OffloadEngine, origin_at: float, path: Path) -> None:

@@ -71,3 +71,18 @@ def test_too_short_text_is_refused(tiny_model: tuple[Path, Path], tmp_path: Path
     short.write_text("hi")
     with pytest.raises(UserError, match="tokens"):
         measure_accuracy(model=str(tiny_model[0]), text_path=short)
+
+
+def test_speculate_runs_on_realruns_engine_and_gives_the_model_back(tiny_model: tuple[Path, Path]) -> None:
+    """The speculate variant is served by realrun's engine with real copies: at a 30% budget it substitutes
+    (greedy agreement drops below 100%); afterwards the model's own experts are back, so a lossless run
+    that follows still equals the reference exactly."""
+    folder, text = tiny_model
+    result = measure_accuracy(model=str(folder), text_path=text, max_tokens=200, generate_tokens=8,
+                              num_prompts=2, prompt_tokens=16, window=64, budget="30%",
+                              variants=("speculate", "lossless"))
+    speculate, lossless = result["rows"]
+    assert speculate["transfers"] == "realrun engine, RAM tier"
+    assert speculate["substitutions"] > 0 and 0 < speculate["substituted_fraction"] < 1
+    assert speculate["greedy_agreement"] < 1.0
+    assert lossless["perplexity"] == result["reference_perplexity"] and lossless["greedy_agreement"] == 1.0

@@ -55,6 +55,7 @@ def test_small_validation_end_to_end(tiny_setup: tuple[Path, Path, Path], tmp_pa
         assert r["hit_rate"]["simulated"] == pytest.approx(r["hit_rate"]["measured"], abs=1e-12)
     assert lru[1]["hit_rate"]["measured"] >= lru[0]["hit_rate"]["measured"]
     assert result["link"] == "observed" and "medians of 2 runs" in format_table(result)
+    assert result["link_clock"] == "perf_counter" and all(r["link_clock"] == "perf_counter" for r in rows)
     for r in rows:  # each side's number is the median of its two runs
         for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
             m = r[key]

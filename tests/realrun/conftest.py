@@ -28,12 +28,12 @@ def _init(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def tiny_qwen() -> torch.nn.Module:
+def tiny_qwen(top_k: int = 2) -> torch.nn.Module:
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     cfg = Qwen2MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
                          shared_expert_intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, max_position_embeddings=128,
+                         num_key_value_heads=2, num_experts=8, num_experts_per_tok=top_k, max_position_embeddings=128,
                          experts_implementation="eager")
     torch.manual_seed(0)
     return _init(Qwen2MoeForCausalLM(cfg), 0)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from realrun.runner import expert_budget
+from realrun.runner import expert_budget, greedy_generate
 from realrun.session import run_offloaded
 from sim.metrics import METRIC_KEYS
 from sim.policies.presets import build_policy
@@ -200,3 +200,50 @@ def test_engine_memory_is_freed_without_waiting_for_the_garbage_collector(refere
         assert refs[0]() is None
     finally:
         gc.enable()
+
+
+def test_speculative_substitution_is_transformers_on_the_rewritten_routing() -> None:
+    """Under `speculate` (bf16, substitutes on misses) every logit is bit-equal to the plain model whose
+    experts modules see the routing rewritten as realrun served it: each substituted routed expert's id
+    replaced by its substitute's, the weights unchanged (the substitute's weights serve those tokens).
+    Top-3 routing, so the order in which the three outputs are summed shows in the bits."""
+    import copy as copying
+
+    from realrun.engine import moe_blocks
+    from tests.realrun.conftest import tiny_qwen
+
+    plain = tiny_qwen(top_k=3)
+    served: dict[tuple[int, int], list[tuple[int, int]]] = {}
+
+    def spy(engine) -> None:
+        route = engine.ctl.on_route
+
+        def on_route(layer, ids, counts):
+            plan = route(layer, ids, counts)
+            if plan.substitutions:
+                served[(engine.step, layer)] = list(plan.substitutions)
+            return plan
+        engine.ctl.on_route = on_route
+
+    _, gen = run_offloaded(copying.deepcopy(plain), PROMPTS, model_name="tiny", policy=build_policy("speculate"),
+                           memory_budget="40%", device=CPU, store="ram", max_new_tokens=NEW_TOKENS, keep_logits=True,
+                           engine_hook=spy, profile="rtx3090-pcie3")
+    assert len(served) >= 3  # the case under test happens, in several layer steps
+    model = copying.deepcopy(plain)
+    step = [-1]
+    for layer, (_, block) in enumerate(moe_blocks(model)):
+        def rewritten(hidden, top_k_index, top_k_weights, layer=layer, forward=block.experts.forward):
+            index = top_k_index.clone()
+            for routed, substitute in served.get((step[0], layer), []):
+                index[top_k_index == routed] = substitute
+            return forward(hidden, index, top_k_weights)
+        block.experts.forward = rewritten
+
+    def on_forward(n: int, phase: str, tokens: int) -> None:
+        step[0] = n
+
+    ref = greedy_generate(model, PROMPTS.token_ids, NEW_TOKENS, CPU, on_forward=on_forward, keep_logits=True)
+    assert gen.generated == ref.generated
+    assert all(torch.equal(a, b) for a, b in zip(gen.logits, ref.logits, strict=True))
+    unchanged = greedy_generate(plain, PROMPTS.token_ids, NEW_TOKENS, CPU, keep_logits=True)
+    assert not all(torch.equal(a, b) for a, b in zip(gen.logits, unchanged.logits, strict=True))  # it is lossy

@@ -1,15 +1,13 @@
-"""Slow tiers and the I/O thread: exact bytes back, demand before prefetch, clean shutdown on errors."""
+"""Slow tiers: exact bytes back from disk (O_DIRECT) and RAM; bad files refused. The I/O thread: test_loader.py."""
 
 from __future__ import annotations
 
 import dataclasses
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from realrun.loader import Copy, Loader
 from realrun.quant import expert_layout
 from realrun.store import BLOCK_BYTES, DiskStore, RamStore, aligned_buffer, write_disk_store
 from sim.modelspec import get_model_spec
@@ -75,77 +73,3 @@ def test_ram_store_matches_disk_store(disk_store: DiskStore) -> None:
     ram.read_into(1, 3, "bf16", dst)
     assert torch.equal(dst, _record(1, 3, "bf16"))
     assert torch.equal(ram.host_record(0, 2, "int4"), _record(0, 2, "int4"))
-
-
-def _copy(store, layer: int, expert: int, kind: str, precision: str = "bf16") -> Copy:
-    return Copy(layer, expert, precision, aligned_buffer(store.padded_bytes(precision)), kind)
-
-
-def test_loader_copies_and_reports_completion(disk_store: DiskStore) -> None:
-    """Submitted copies land in their slots; drain_completed reports each once; busy time is counted."""
-    with Loader(disk_store, torch.device("cpu")) as loader:
-        copies = [loader.submit(_copy(disk_store, 1, e, "prefetch")) for e in range(EXPERTS)]
-        for c in copies:
-            loader.wait(c)
-        done = loader.drain_completed()
-        assert loader.drain_completed() == []
-    assert {c.expert for c in done} == set(range(EXPERTS))
-    for c in copies:
-        assert torch.equal(c.dst[: c.nbytes], _record(1, c.expert, "bf16"))
-        assert c.started_at is not None and c.done_at >= c.started_at
-    assert loader.busy_s > 0 and not loader.alive
-
-
-def test_demand_copies_overtake_queued_prefetches(disk_store: DiskStore) -> None:
-    """With the thread held, a demand copy submitted after prefetches runs before all of them."""
-    gate = threading.Event()
-    loader = Loader(disk_store, torch.device("cpu"))
-    loader.fail_hook = lambda copy: gate.wait()
-    try:
-        first = loader.submit(_copy(disk_store, 0, 0, "prefetch"))  # occupies the thread until the gate opens
-        while first.started_at is None:
-            threading.Event().wait(0.001)
-        prefetches = [loader.submit(_copy(disk_store, 0, e, "prefetch")) for e in (1, 2)]
-        demand = loader.submit(_copy(disk_store, 1, 3, "demand"))
-        cancelled = loader.submit(_copy(disk_store, 1, 0, "prefetch"))
-        assert loader.cancel(cancelled) and cancelled.cancelled
-        gate.set()
-        for c in [first, *prefetches, demand]:
-            loader.wait(c)
-        assert demand.started_at < min(p.started_at for p in prefetches)
-        assert cancelled.started_at is None
-    finally:
-        gate.set()
-        loader.close()
-
-
-def test_io_error_reaches_the_compute_thread_and_thread_exits(disk_store: DiskStore) -> None:
-    """An injected read failure is re-raised by wait(); the I/O thread has stopped; close() is clean."""
-    loader = Loader(disk_store, torch.device("cpu"))
-
-    def fail(copy: Copy) -> None:
-        if copy.expert == 2:
-            raise OSError("injected read failure")
-
-    loader.fail_hook = fail
-    ok = loader.submit(_copy(disk_store, 0, 1, "demand"))
-    loader.wait(ok)
-    bad = loader.submit(_copy(disk_store, 0, 2, "demand"))
-    queued = loader.submit(_copy(disk_store, 0, 3, "prefetch"))
-    with pytest.raises(RuntimeError, match="injected read failure"):
-        loader.wait(bad)
-    loader._thread.join(timeout=5)
-    assert not loader.alive
-    assert ok.done_at is not None and queued.done  # queued copies are released, not left hanging
-    with pytest.raises(RuntimeError):
-        loader.close()
-
-
-def test_keyboard_interrupt_stops_the_thread(disk_store: DiskStore) -> None:
-    """Ctrl-C in the compute thread inside the loader's context: the thread is joined, the interrupt kept."""
-    with pytest.raises(KeyboardInterrupt):
-        with Loader(disk_store, torch.device("cpu")) as loader:
-            for e in range(EXPERTS):
-                loader.submit(_copy(disk_store, 1, e, "prefetch"))
-            raise KeyboardInterrupt
-    assert not loader.alive
