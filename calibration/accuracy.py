@@ -131,14 +131,12 @@ class Variant:
         """A new sequence starts: the speculate controller starts from an empty cache."""
         if self.name != "speculate":
             return
-        from sim.hardware import load_profile
         from sim.policies.controller import OffloadController
         from sim.policies.presets import build_policy
         from sim.units import parse_budget
 
         budget = parse_budget(self.budget, self.spec) - self.spec.resident_bytes(0)
-        self.controller = OffloadController(self.spec, build_policy("speculate"), budget,
-                                            hw=load_profile("rtx3090-pcie3"))
+        self.controller = OffloadController(self.spec, build_policy("speculate"), budget)
 
     def begin_forward(self, num_tokens: int) -> None:
         if self.controller is not None:

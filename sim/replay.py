@@ -24,6 +24,7 @@ from sim.metrics import compute_metrics
 from sim.modelspec import ModelSpec, check_same_structure, get_model_spec
 from sim.policies.controller import OffloadController
 from sim.policies.prediction import NEEDS_LOOKAHEAD
+from sim.policies.prefetch import decode_prefetch_count
 from sim.policies.presets import PolicyConfig, build_policy
 from sim.timeline import write_timeline
 from sim.units import format_bytes, parse_budget
@@ -92,9 +93,10 @@ def replay(trace: Trace | str | os.PathLike[str] | LoadedTrace, policy: str | Po
         raise UserError(f"memory budget {format_bytes(budget_bytes)} is below the non-expert weights, shared experts "
                         f"and KV cache ({format_bytes(resident)}) plus one layer's top-{spec.top_k} experts; "
                         f"raise --memory-budget (a percentage such as 25% is relative to the routed experts)")
+    costs = CostModel(spec, profile)
     try:
-        ctl = OffloadController(spec, config, expert_budget, hw=profile, future=workload.future,
-                                popularity=workload.popularity, score_fn=score_fn)
+        ctl = OffloadController(spec, config, expert_budget, decode_prefetch_count=decode_prefetch_count(costs),
+                                future=workload.future, popularity=workload.popularity, score_fn=score_fn)
     except UserError as error:
         if "expert slots" not in str(error):
             raise
@@ -102,7 +104,6 @@ def replay(trace: Trace | str | os.PathLike[str] | LoadedTrace, policy: str | Po
         raise UserError(f"memory budget {format_bytes(budget_bytes)} leaves room for fewer than top-{spec.top_k} "
                         f"experts in each of the {spec.num_moe_layers} MoE layers under {config.name!r}; raise "
                         f"--memory-budget to at least {format_bytes(need)} (bf16 slots)") from None
-    costs = CostModel(spec, profile)
     if mode == "fast" and timeline is None and fastpath.eligible(ctl, profile):
         result = fastpath.replay_lod(workload, ctl, costs)
     else:

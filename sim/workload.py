@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sim.policies.eviction import FutureAccess
+from sim.policies.requirements import lookahead_probabilities
 
 RANK_DEPTH = 32
 """Experts kept per pre-sorted look-ahead ranking (no prefetch policy takes more per layer in decode)."""
@@ -63,14 +64,6 @@ class Workload:
     then its decode routes)."""
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float32)
-    x -= x.max(axis=-1, keepdims=True)
-    np.exp(x, out=x)
-    x /= x.sum(axis=-1, keepdims=True)
-    return x
-
-
 def build_workload(trace) -> Workload:
     """The forward steps of `trace` (a traces.format.Trace)."""
     topk = np.asarray(trace.topk_ids).astype(np.int64)  # [T, L, k]
@@ -112,7 +105,7 @@ def build_workload(trace) -> Workload:
         popularity[layer] = np.bincount(profiled[:, layer, :].ravel(), minlength=num_experts)[:num_experts]
     probs = rank = None
     if trace.lookahead_logits is not None:
-        probs = _softmax(np.asarray(trace.lookahead_logits))
+        probs = lookahead_probabilities(trace.lookahead_logits)
         order = np.argsort(-probs, axis=-1, kind="stable")[..., :RANK_DEPTH]  # [D, T, L, m]
         rank = (order.astype(np.int16), np.take_along_axis(probs, order, axis=-1))
     future = FutureAccess([s.routes for s in steps], num_layers)

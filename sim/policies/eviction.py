@@ -2,10 +2,9 @@
 
 One policy object per MoE layer. The controller owns the cache contents (which experts are resident, in
 flight or pinned) and asks the policy only two things: keep your bookkeeping up to date (`on_insert`,
-`on_access`, `on_remove`) and pick a victim among the experts it may evict (`victim`; LRU and ARC also
-expose their whole eviction order as `preference`, the others set it to None). Candidates exclude
-pinned experts, experts in use by the current layer step and transfers not yet started, so every policy
-here is "the classic algorithm restricted to the evictable set".
+`on_access`, `on_remove`) and pick a victim among the experts it may evict (`victim`). Candidates exclude
+pinned experts and experts in use by the current layer step (and the controller offers landed experts
+first), so every policy here is "the classic algorithm restricted to the evictable set".
 
 - `lru`: least recently used.
 - `lfu`: least frequently used since insertion (in-cache frequency), ties broken by recency.
@@ -19,7 +18,7 @@ from __future__ import annotations
 
 import bisect
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from itertools import chain
 
 import numpy as np
@@ -67,8 +66,6 @@ class LRU:
     """Least recently used."""
 
     name = "lru"
-    records_accesses = True
-    """Whether `on_access` does anything (the controller skips the call where it does not)."""
 
     def __init__(self, capacity: int) -> None:
         self.order: OrderedDict[int, None] = OrderedDict()
@@ -81,12 +78,6 @@ class LRU:
     def on_access(self, expert: int, step: int) -> None:
         self.order.move_to_end(expert)
 
-    def on_access_many(self, experts: list[int], step: int) -> None:
-        """`on_access` of each of `experts`, in order (one call per layer step)."""
-        move = self.order.move_to_end
-        for expert in experts:
-            move(expert)
-
     def on_remove(self, expert: int) -> None:
         self.order.pop(expert, None)
 
@@ -96,20 +87,11 @@ class LRU:
                 return expert
         raise ValueError("no evictable expert among the candidates")
 
-    def preference(self, incoming: int | None) -> Iterable[int]:
-        """The tracked experts in the order `victim` prefers them (the victim is the first candidate).
-        Speed: the controller scans this itself instead of building the candidate set, as the first
-        expert is almost always evictable (one test, not ~15)."""
-        return self.order
-
 
 class LFU:
     """Least frequently used since insertion; ties go to the least recently used."""
 
     name = "lfu"
-    records_accesses = True
-    preference = None
-    """No order to scan (see LRU.preference): the controller builds candidate sets and asks `victim`."""
 
     def __init__(self, capacity: int) -> None:
         self.count: dict[int, int] = {}
@@ -128,11 +110,6 @@ class LFU:
         self.count[expert] += 1
         self.last[expert] = self._tick
 
-    def on_access_many(self, experts: list[int], step: int) -> None:
-        """`on_access` of each of `experts`, in order (one call per layer step)."""
-        for expert in experts:
-            self.on_access(expert, step)
-
     def on_remove(self, expert: int) -> None:
         self.count.pop(expert, None)
         self.last.pop(expert, None)
@@ -145,7 +122,6 @@ class ARC:
     """Adaptive replacement cache: T1 (seen once), T2 (seen twice or more), ghosts B1, B2, target p."""
 
     name = "arc"
-    records_accesses = True
 
     def __init__(self, capacity: int) -> None:
         self.c = max(1, capacity)
@@ -166,17 +142,17 @@ class ARC:
 
     def victim(self, candidates: set[int], incoming: int | None, step: int) -> int:
         """ARC's REPLACE: LRU of T1 if T1 exceeds p (or equals it on a B2 hit), else LRU of T2."""
-        for expert in self.preference(incoming):
+        for expert in self._order(incoming):
             if expert in candidates:
                 return expert
         raise ValueError("no evictable expert among the candidates")
 
-    def preference(self, incoming: int | None) -> Iterable[int]:
-        """The tracked experts in the order `victim` prefers them (see LRU.preference)."""
+    def _order(self, incoming: int | None) -> Iterator[int]:
+        """The cached experts in the order REPLACE prefers them: T1 then T2 when T1 is over its target (or at it
+        and `incoming` is a B2 ghost), else T2 then T1; least recently used first within each."""
         t1, t2 = self.t1, self.t2
         n1 = len(t1)
-        # Speed: an on-demand load (incoming None) is in no ghost list, so p needs no adapting.
-        p = self.p if incoming is None else self._adapted_p(incoming)
+        p = self._adapted_p(incoming)
         if n1 and (n1 > p or (n1 == p and incoming in self.b2)):
             return chain(t1, t2)
         return chain(t2, t1)
@@ -200,17 +176,6 @@ class ARC:
         self.t2[expert] = None
         self.t2.move_to_end(expert)
 
-    def on_access_many(self, experts: list[int], step: int) -> None:
-        """`on_access` of each of `experts`, in order (one call per layer step)."""
-        t1_pop, t2 = self.t1.pop, self.t2  # hoisted: ~4 lookups fewer per hit
-        move = t2.move_to_end
-        for expert in experts:
-            if expert in t2:  # the usual hit: already frequent, only its recency changes
-                move(expert)
-            else:  # from T1 (or new) to the MRU end of T2, as on_access
-                t1_pop(expert, None)
-                t2[expert] = None
-
     def on_remove(self, expert: int) -> None:
         """An evicted expert leaves a ghost in B1 (from T1) or B2 (from T2)."""
         if expert in self.t1:
@@ -233,18 +198,10 @@ class ARC:
 class _NoBookkeeping:
     """Policies whose victim needs no record of past accesses: every notification is ignored."""
 
-    records_accesses = False
-    preference = None
-    """No order to scan (see LRU.preference): the controller builds candidate sets and asks `victim`."""
-
     def on_insert(self, expert: int, step: int) -> None:
         pass
 
     def on_access(self, expert: int, step: int) -> None:
-        pass
-
-    def on_access_many(self, experts: list[int], step: int) -> None:
-        """`on_access` of each of `experts`, in order (one call per layer step)."""
         pass
 
     def on_remove(self, expert: int) -> None:
@@ -277,28 +234,11 @@ class NoReuse(_NoBookkeeping):
         return min(candidates)
 
 
-class NeverEvicts(_NoBookkeeping):
-    """Stands in for any policy in a layer whose slots hold every expert: a victim is never needed there,
-    so no bookkeeping is kept (speed: ARC's on every hit and insert)."""
-
-    name = "never"
-
-    def __init__(self, capacity: int) -> None:
-        pass
-
-    def victim(self, candidates: set[int], incoming: int | None, step: int) -> int:
-        raise AssertionError("a layer with a slot for every expert never evicts")
+EvictionPolicy = LRU | LFU | ARC | Belady | NoReuse
 
 
-EvictionPolicy = LRU | LFU | ARC | Belady | NoReuse | NeverEvicts
-
-
-def make_eviction(name: str, capacity: int, layer: int, future: FutureAccess | None,
-                  num_experts: int | None = None) -> EvictionPolicy:
-    """The eviction policy `name` for one layer of `capacity` slots (`NeverEvicts` where the capacity holds
-    all `num_experts` experts, as every policy then never picks a victim)."""
-    if num_experts is not None and capacity >= num_experts:
-        return NeverEvicts(capacity)
+def make_eviction(name: str, capacity: int, layer: int, future: FutureAccess | None) -> EvictionPolicy:
+    """The eviction policy `name` for one layer of `capacity` slots."""
     if name == "lru":
         return LRU(capacity)
     if name == "none":

@@ -5,14 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sim.hardware import load_profile
 from sim.modelspec import get_model_spec
 from sim.policies.controller import CANCELLED, DONE, OffloadController
 from sim.policies.prediction import Signals
 from sim.policies.presets import build_policy
 
 SPEC = get_model_spec("qwen1.5-moe-a2.7b")  # 24 layers, 60 experts, top-4
-HW = load_profile("rtx3090-pcie3")
 BF16 = SPEC.expert_bytes("bf16")
 
 
@@ -24,7 +22,7 @@ def _ctl(policy: str, slots_per_layer: int, guess: int | None = None, **override
 
     config = build_policy(policy, overrides)
     pop = np.arange(SPEC.num_experts, dtype=float)[None, :].repeat(SPEC.num_moe_layers, axis=0)
-    return OffloadController(SPEC, config, slots_per_layer * SPEC.num_moe_layers * BF16, hw=HW,
+    return OffloadController(SPEC, config, slots_per_layer * SPEC.num_moe_layers * BF16, decode_prefetch_count=1,
                              popularity=pop, score_fn=score_fn if guess is not None else None)
 
 

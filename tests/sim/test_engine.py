@@ -8,7 +8,7 @@ import pytest
 from sim_fixtures import tiny_profile, tiny_trace
 
 from sim.costs import CostModel
-from sim.policies.presets import PRESETS, build_policy
+from sim.policies.presets import PRESETS
 from sim.replay import load, replay, resolve_spec
 from sim.synthetic import synthetic_trace
 
@@ -141,25 +141,6 @@ def test_timeline_has_one_track_per_resource(small_synthetic, tmp_path) -> None:
     last = max(e["ts"] + e["dur"] for e in spans if e["tid"] == 1)
     steps = m["layer_steps"] // 24
     assert last == pytest.approx((steps - 2 * 1) * m["tpot_s"] * 1e6 + 2 * m["ttft_s"] * 1e6, rel=1e-6)
-
-
-@pytest.mark.parametrize("policy", ["fate", "speculate", "mixtral-offloading"])
-def test_presorted_lookahead_rankings_match_sorting_each_time(small_synthetic, policy: str) -> None:
-    """The engine's pre-sorted look-ahead rankings (a speed path) change no decision."""
-    from sim.engine import Engine
-    from sim.hardware import load_profile
-    from sim.policies.controller import OffloadController
-
-    spec = resolve_spec(small_synthetic.trace, None)
-    hw = load_profile("rtx3090-pcie3")
-    results = []
-    for presorted in (True, False):
-        workload = small_synthetic.workload
-        ctl = OffloadController(spec, build_policy(policy), 3 << 30, hw=hw, future=workload.future,
-                                popularity=workload.popularity)
-        out = Engine(workload, ctl, CostModel(spec, hw), presorted=presorted).run()
-        results.append((out.step_end_at, out.gpu_stall_s, ctl.stats))
-    assert results[0] == results[1]
 
 
 @pytest.mark.parametrize("budget", ["7%", "15%", "60%"])
