@@ -263,12 +263,8 @@ class OffloadEngine:
 
     def _submit(self, t: Transfer) -> Copy:
         dst = self.slots[t.layer][t.slot]
-        if t.after_transfer is not None:
-            # The slot's previous occupant was evicted while still in flight: drop it if it has not
-            # started; if it has, the single FIFO I/O thread finishes it before this copy begins.
-            old = self._copies.get(t.after_transfer)
-            if old is not None and self.loader.cancel(old):
-                self._forget(t.after_transfer)
+        # A slot's previous occupant still queued was cancelled by the controller (plan.cancelled); one
+        # still running (t.after_transfer) finishes first on the single FIFO I/O thread.
         copy = Copy(t.layer, t.expert, t.precision, dst, t.kind if t.kind == "demand" else "prefetch", tag=t,
                     slot_free=self.slot_free[t.layer][t.slot])
         self._copies[t] = copy

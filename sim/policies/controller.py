@@ -343,30 +343,39 @@ class OffloadController:
     def _load(self, cache: _LayerCache, layer: int, expert: int, precision: str, in_use: set[int],
               plan: LayerPlan) -> Transfer:
         """An on-demand load of `expert` into a free slot, or the slot of the policy's victim among experts not
-        in use by this step (landed ones first); when every slot holds an expert of this step, the slot of
-        the one computed earliest (the load starts once it has computed)."""
-        after_transfer = after_compute = None
+        in use by this step (landed ones first): a victim still queued is cancelled, one still copying
+        finishes first. When every slot holds an expert of this step, the slot of the one computed earliest
+        (the load starts once it has computed)."""
+        reused = None
         if cache.free:
             slot = cache.free.pop()
+            old = None
         else:
             victim = self._victim(cache, exclude=in_use, incoming=None, landed_only=False)
             if victim is None:
-                victim = next((e for e, _, _, _ in plan.gpu_work if e in cache.resident and e not in cache.pinned),
-                              None)
-                if victim is None:
-                    raise UserError(f"layer {layer} has {cache.slots} slots, all pinned; lower the pinned share "
-                                    "or raise the budget")
-                after_compute = victim
+                victim = reused = self._computed_victim(cache, layer, plan)
             old = self._evict(cache, victim)
             plan.evictions.append(victim)
             self._stats["evictions"] += 1
             slot = cache.free.pop()
-            if old.state != DONE:
-                after_transfer = old
         t = self._insert(cache, layer, expert, precision, "demand", slot)
-        t.after_transfer, t.after_compute = after_transfer, after_compute
-        t.reuses_slot_of = after_compute
+        if reused is not None:  # computed before this load starts, so its bytes have landed by then
+            t.after_compute = t.reuses_slot_of = reused
+        elif old is not None and old.state == QUEUED:  # never started: no byte of it need move
+            old.state = CANCELLED
+            plan.cancelled.append(old)
+            self._stats["prefetches_cancelled"] += 1
+        elif old is not None and old.state == STARTED:
+            t.after_transfer = old
         return t
+
+    def _computed_victim(self, cache: _LayerCache, layer: int, plan: LayerPlan) -> int:
+        """When every slot holds an expert of this very step: the one computed earliest (not pinned)."""
+        for expert, _, _, _ in plan.gpu_work:
+            if expert in cache.resident and expert not in cache.pinned:
+                return expert
+        raise UserError(f"layer {layer} has {cache.slots} slots, all pinned; lower the pinned share or raise the "
+                        "budget")
 
     # --- cache bookkeeping -----------------------------------------------------------------------------
     def _victim(self, cache: _LayerCache, *, exclude: Collection[int], incoming: int | None,

@@ -133,3 +133,25 @@ def test_slots_are_never_oversubscribed_under_random_completion_order(policy: st
         in_flight = []
     assert ctl.peak_slots * ctl.slot_bytes <= ctl.expert_budget_bytes
     assert all(t.state == DONE for c in ctl.caches for t in c.resident.values())
+
+
+def test_a_load_that_takes_a_queued_copys_slot_cancels_it() -> None:
+    """A stale prefetch kept queued (cancel_stale=false) is the only victim left: the load cancels it (no byte
+    of it moves) and does not wait for it; one that has started is waited for instead."""
+    for started in (False, True):
+        ctl = _ctl("lru", 4, guess=9, prediction="learned", prefetch="topk", prefetch_count="1", cancel_stale="false")
+        ctl.start_forward(0, "decode", 1)
+        _done(ctl, ctl.on_route(1, np.array([1, 2, 3]), np.ones(3, dtype=np.int64)).loads)
+        [prefetch] = ctl.on_gate_input(0, Signals(0, "decode", 1))  # the 4th slot of layer 1
+        if started:
+            ctl.on_transfer_started(prefetch)
+        ctl.start_forward(1, "decode", 1)
+        ctl.on_gate_input(0, Signals(1, "decode", 1))  # 9 is resident (in flight): nothing new
+        plan = ctl.on_route(1, np.array([1, 2, 3, 4]), np.ones(4, dtype=np.int64))  # 9 stale, kept; 4 needs its slot
+        [load] = plan.loads
+        assert plan.evictions == [9] and load.slot == prefetch.slot
+        if started:
+            assert plan.cancelled == [] and load.after_transfer is prefetch and prefetch.state == "started"
+        else:
+            assert plan.cancelled == [prefetch] and prefetch.state == CANCELLED and load.after_transfer is None
+            assert ctl.stats["prefetches_cancelled"] == 1
