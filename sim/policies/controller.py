@@ -351,7 +351,7 @@ class OffloadController:
             slot = cache.free.pop()
             old = None
         else:
-            victim = self._victim(cache, exclude=in_use, incoming=None, landed_only=False)
+            victim = self._victim(cache, exclude=in_use, incoming=expert, landed_only=False)
             if victim is None:
                 victim = reused = self._computed_victim(cache, layer, plan)
             old = self._evict(cache, victim)

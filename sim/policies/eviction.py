@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import bisect
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from itertools import chain
 
 import numpy as np
@@ -119,7 +119,14 @@ class LFU:
 
 
 class ARC:
-    """Adaptive replacement cache: T1 (seen once), T2 (seen twice or more), ghosts B1, B2, target p."""
+    """Adaptive replacement cache (Megiddo & Modha, FAST 2003): T1 (seen once), T2 (seen twice or more),
+    ghosts B1, B2 of recently evicted experts, and the adaptive target p for |T1|.
+
+    A miss on a ghost first adapts p (a B1 ghost grows it by max(|B2| / |B1|, 1), a B2 ghost shrinks it by
+    max(|B1| / |B2|, 1), from the list sizes before anything is evicted for it), then REPLACE picks the
+    victim, then the expert enters T2 (a ghost) or T1 (new). The controller asks `victim(candidates, x)`
+    before `on_insert(x)` whenever x needs an occupied slot, so that order holds; with a free slot,
+    `on_insert` adapts p itself."""
 
     name = "arc"
 
@@ -132,40 +139,43 @@ class ARC:
         self.t2: OrderedDict[int, None] = OrderedDict()
         self.b1: OrderedDict[int, None] = OrderedDict()
         self.b2: OrderedDict[int, None] = OrderedDict()
+        self._adapted_for: int | None = None
+        """The incoming expert p was last adapted for (by `victim`), until it is inserted."""
 
-    def _adapted_p(self, incoming: int | None) -> float:
-        if incoming in self.b1:
-            return min(float(self.c), self.p + max(len(self.b2) / len(self.b1), 1.0))
-        if incoming in self.b2:
-            return max(0.0, self.p - max(len(self.b1) / len(self.b2), 1.0))
-        return self.p
+    def _adapt(self, incoming: int | None) -> None:
+        """Adapt p to a ghost hit of `incoming` (once per insertion)."""
+        if incoming is None or incoming == self._adapted_for:
+            return
+        self._adapted_for = incoming
+        b1, b2 = self.b1, self.b2
+        if incoming in b1:
+            self.p = min(float(self.c), self.p + max(len(b2) / len(b1), 1.0))
+        elif incoming in b2:
+            self.p = max(0.0, self.p - max(len(b1) / len(b2), 1.0))
 
     def victim(self, candidates: set[int], incoming: int | None, step: int) -> int:
-        """ARC's REPLACE: LRU of T1 if T1 exceeds p (or equals it on a B2 hit), else LRU of T2."""
-        for expert in self._order(incoming):
+        """ARC's REPLACE for `incoming`: the least recently used of T1 if |T1| exceeds p (or equals it and
+        `incoming` is a B2 ghost), else of T2; the other list when the first holds no candidate."""
+        self._adapt(incoming)
+        t1, t2 = self.t1, self.t2
+        n1 = len(t1)
+        if n1 and (n1 > self.p or (n1 == self.p and incoming in self.b2)):
+            order = chain(t1, t2)
+        else:
+            order = chain(t2, t1)
+        for expert in order:
             if expert in candidates:
                 return expert
         raise ValueError("no evictable expert among the candidates")
 
-    def _order(self, incoming: int | None) -> Iterator[int]:
-        """The cached experts in the order REPLACE prefers them: T1 then T2 when T1 is over its target (or at it
-        and `incoming` is a B2 ghost), else T2 then T1; least recently used first within each."""
-        t1, t2 = self.t1, self.t2
-        n1 = len(t1)
-        p = self._adapted_p(incoming)
-        if n1 and (n1 > p or (n1 == p and incoming in self.b2)):
-            return chain(t1, t2)
-        return chain(t2, t1)
-
     def on_insert(self, expert: int, step: int) -> None:
-        b1, b2 = self.b1, self.b2
-        if expert in b1:  # a ghost hit: adapt p (as `_adapted_p`), promote to the frequent list
-            self.p = min(float(self.c), self.p + max(len(b2) / len(b1), 1.0))
-            del b1[expert]
+        self._adapt(expert)  # no-op when `victim` adapted p for it already
+        self._adapted_for = None
+        if expert in self.b1:  # a ghost hit: to the frequent list
+            del self.b1[expert]
             self.t2[expert] = None
-        elif expert in b2:
-            self.p = max(0.0, self.p - max(len(b1) / len(b2), 1.0))
-            del b2[expert]
+        elif expert in self.b2:
+            del self.b2[expert]
             self.t2[expert] = None
         else:
             self.t1[expert] = None
