@@ -24,6 +24,7 @@ def eligible(ctl: OffloadController, hw: HardwareProfile) -> bool:
     that the link does not slow)."""
     p = ctl.policy
     return (p.eviction == "none" and p.prefetch == "none" and p.miss == "wait" and p.precision != "fate-hybrid"
+            and not p.serial_loads
             and hw.link.copy_engines == 1 and hw.copy_contention == 1.0 and not any(c.pinned for c in ctl.caches))
 
 

@@ -242,8 +242,9 @@ class OffloadController:
         counts = dict(zip(ids, tokens, strict=True))
         cache = self.caches[layer]
         plan = LayerPlan(layer, self.step)
-        if self.policy.eviction == "none":  # nothing is reused from one step to the next
-            for expert in [e for e, t in cache.resident.items() if t.state == DONE and e not in cache.pinned]:
+        if self.policy.eviction == "none":  # nothing kept from one step to the next but what the prefetcher picked for this one
+            for expert in [e for e, t in cache.resident.items()
+                           if t.state == DONE and e not in cache.pinned and e not in cache.selected]:
                 self._evict(cache, expert)
         spare = self._settle_prefetches(cache, ids, plan)
         st = self._stats
@@ -282,7 +283,7 @@ class OffloadController:
             if cache.free:
                 slot = cache.free.pop()
             else:
-                victim = self._victim(cache, exclude=picks, incoming=expert, landed_only=True)
+                victim = self._victim(cache, exclude=picks, incoming=expert, landed="only", from_step=self.step)
                 if victim is None:
                     break
                 self._evict(cache, victim)
@@ -335,25 +336,37 @@ class OffloadController:
         else:  # fate-hybrid prefill: by the step's token counts
             precision_of = dict(zip(ids, self.precision.assign(self.phase, ids, [counts[e] for e in ids]), strict=True))
         in_use = set(ids) | {s for _, s in substitutions}
+        whole_step_min = self.policy.eviction == "belady" and len(ids) > cache.slots
         for expert in load:
-            t = self._load(cache, layer, expert, precision_of[expert], in_use, plan)
+            t = self._load(cache, layer, expert, precision_of[expert], in_use, whole_step_min, plan)
+            if self.policy.serial_loads and plan.gpu_work:  # after every expert before it, this one last
+                t.after_compute = plan.gpu_work[-1][0]
             plan.loads.append(t)
             plan.gpu_work.append((expert, counts[expert], t.precision, t))
 
     def _load(self, cache: _LayerCache, layer: int, expert: int, precision: str, in_use: set[int],
-              plan: LayerPlan) -> Transfer:
+              whole_step_min: bool, plan: LayerPlan) -> Transfer:
         """An on-demand load of `expert` into a free slot, or the slot of the policy's victim among experts not
         in use by this step (landed ones first): a victim still queued is cancelled, one still copying
         finishes first. When every slot holds an expert of this step, the slot of the one computed earliest
-        (the load starts once it has computed)."""
-        reused = None
+        (the load starts once it has computed).
+
+        `whole_step_min` (Belady in a step that routes more experts than the layer has slots, i.e. prefill):
+        true MIN over the step's compute order instead: every unpinned expert may go, the experts this step
+        computes earlier included, and the one whose next use after this step is farthest goes."""
+        reused = old = None
         if cache.free:
             slot = cache.free.pop()
-            old = None
         else:
-            victim = self._victim(cache, exclude=in_use, incoming=expert, landed_only=False)
+            if whole_step_min:
+                victim = self._victim(cache, exclude=(), incoming=expert, landed="any", from_step=self.step + 1)
+            else:
+                victim = self._victim(cache, exclude=in_use, incoming=expert, landed="first",
+                                      from_step=self.step + 1)
             if victim is None:
-                victim = reused = self._computed_victim(cache, layer, plan)
+                victim = self._computed_victim(cache, layer, plan)
+            if any(victim == e for e, _, _, _ in plan.gpu_work):
+                reused = victim
             old = self._evict(cache, victim)
             plan.evictions.append(victim)
             self._stats["evictions"] += 1
@@ -378,16 +391,19 @@ class OffloadController:
                         "budget")
 
     # --- cache bookkeeping -----------------------------------------------------------------------------
-    def _victim(self, cache: _LayerCache, *, exclude: Collection[int], incoming: int | None,
-                landed_only: bool) -> int | None:
-        """The eviction policy's choice among the experts of `cache` that may go (not pinned, not in
-        `exclude`), those whose bytes have landed first (only those when `landed_only`); None if none may."""
+    def _victim(self, cache: _LayerCache, *, exclude: Collection[int], incoming: int, landed: str,
+                from_step: int) -> int | None:
+        """The eviction policy's choice among the experts of `cache` that may go (not pinned, not in `exclude`)
+        for `incoming`; `landed`: "first" (those whose bytes have landed, if any), "only" or "any". Future
+        uses (Belady) count from step `from_step` on. None if none may go."""
         evictable = [e for e in cache.resident if e not in exclude and e not in cache.pinned]
-        landed = {e for e in evictable if cache.resident[e].state == DONE}
-        pool = landed if landed or landed_only else set(evictable)
+        pool = set(evictable)
+        if landed != "any":
+            done = {e for e in evictable if cache.resident[e].state == DONE}
+            pool = done if done or landed == "only" else pool
         if not pool:
             return None
-        return cache.policy.victim(pool, incoming, self.step)
+        return cache.policy.victim(pool, incoming, from_step)
 
     def _insert(self, cache: _LayerCache, layer: int, expert: int, precision: str, kind: str, slot: int) -> Transfer:
         t = Transfer(layer, expert, precision, self.spec.expert_bytes(precision), kind, slot, self.step)

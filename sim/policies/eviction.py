@@ -11,7 +11,9 @@ first), so every policy here is "the classic algorithm restricted to the evictab
 - `arc`: adaptive replacement cache (Megiddo & Modha, FAST 2003) with recency list T1, frequency list T2,
   their ghost lists B1, B2 and the adaptive target p; capacity c = the layer's slots.
 - `belady`: evict the expert whose next use lies farthest in the future (needs `FutureAccess`; the bound).
-- `none`: no reuse at all; the controller empties the layer before each step (pure load on demand).
+- `none`: no reuse: before each layer step the controller drops every landed expert of the layer but those
+  the prefetcher picked for this step (pure load on demand without a prefetcher; with one, a stream of
+  experts fetched ahead of their layer and dropped after it, as in Speculating Experts' engine).
 """
 
 from __future__ import annotations

@@ -155,3 +155,33 @@ def test_a_load_that_takes_a_queued_copys_slot_cancels_it() -> None:
         else:
             assert plan.cancelled == [prefetch] and prefetch.state == CANCELLED and load.after_transfer is None
             assert ctl.stats["prefetches_cancelled"] == 1
+
+
+def test_no_reuse_keeps_a_landed_prefetch_for_its_own_layer_step() -> None:
+    """eviction=none with a prefetcher: the layer drops what it held before, but not the expert fetched for
+    this very step (it hits); the next step drops it."""
+    ctl = _ctl("lod", 4, guess=9, prediction="learned", prefetch="topk", prefetch_count="1")
+    ctl.start_forward(0, "decode", 1)
+    _done(ctl, ctl.on_route(1, np.array([1, 2]), np.ones(2, dtype=np.int64)).loads)  # landed, from before
+    ctl.start_forward(1, "decode", 1)
+    [prefetch] = ctl.on_gate_input(0, Signals(1, "decode", 1))
+    _done(ctl, [prefetch])
+    plan = ctl.on_route(1, np.array([2, 9]), np.ones(2, dtype=np.int64))
+    assert plan.hits == [9] and [t.expert for t in plan.loads] == [2]  # 2 was dropped, 9 kept
+    _done(ctl, plan.loads)
+    ctl.start_forward(2, "decode", 1)
+    plan = ctl.on_route(1, np.array([2, 9]), np.ones(2, dtype=np.int64))  # nothing picked for step 2
+    assert plan.hits == [] and len(plan.loads) == 2
+
+
+def test_speculate_stream_streams_guesses_without_a_cache() -> None:
+    ctl = _ctl("speculate-stream", 8)
+    assert (ctl.policy.eviction, ctl.policy.prefetch, ctl.policy.miss) == ("none", "all", "speculated")
+    probs = np.zeros((1, 1, SPEC.num_experts), dtype=np.float32)
+    probs[0, 0, [3, 5, 7, 11]] = [0.4, 0.3, 0.2, 0.1]
+    ctl.start_forward(0, "decode", 1)
+    picks = ctl.on_gate_input(0, Signals(0, "decode", 1, probs))
+    assert [t.expert for t in picks] == [3, 5, 7, 11]
+    _done(ctl, picks)
+    plan = ctl.on_route(1, np.array([3, 5, 7, 40]), np.ones(4, dtype=np.int64))
+    assert plan.hits == [3, 5, 7] and plan.substitutions == [(40, 11)] and plan.loads == []

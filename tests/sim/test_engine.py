@@ -169,3 +169,27 @@ def test_two_copy_engines_and_kept_stale_prefetches(policy: str, overrides: dict
     one = replay(loaded, policy=policy, hw=hw1, memory_budget="12%", overrides=overrides, mode="engine")
     if policy in ("lod", "cpu-exec"):  # decisions do not depend on timing: only the link differs
         assert two["tpot_s"] <= one["tpot_s"] * (1 + 1e-12)
+
+
+def test_serial_loads_do_not_overlap_copies_with_compute() -> None:
+    """Top-2 lod with serial_loads: each layer = transfer, expert, transfer, expert (the second copy starts once
+    the first expert has computed); the overlapped default hides the first expert behind the second copy."""
+    trace = tiny_trace([[[0, 1], [2, 3]], [[0, 1], [2, 3]]], num_experts=4)
+    spec, costs, budget = _setup(trace, slots=4)
+    x = HW.link.transfer_s(spec.expert_bytes("bf16"))
+    e = costs.expert_s(1, "bf16")
+    serial = replay(trace, policy="lod", hw=HW, memory_budget=budget, overrides={"serial_loads": "true"})
+    assert serial["tpot_s"] * 2 == pytest.approx(_decode_compute_s(costs, trace) + 4 * (2 * x + 2 * e), rel=1e-12)
+    assert serial["gpu_stall_s"] == pytest.approx(8 * x, rel=1e-12)
+
+
+def test_serial_loads_wait_for_the_hits_computed_before_them() -> None:
+    """LRU, top-2, 4 slots per layer: step 2 hits expert 0 and misses 3; serially, 3's copy starts after 0 has
+    computed, so that layer step takes e + x + e (overlapped: max(e, x) + e)."""
+    trace = tiny_trace([[[0, 1]], [[0, 3]]], num_experts=4)
+    spec, costs, budget = _setup(trace, slots=4)
+    x = HW.link.transfer_s(spec.expert_bytes("bf16"))
+    e = costs.expert_s(1, "bf16")
+    m = replay(trace, policy="lru", hw=HW, memory_budget=budget, overrides={"serial_loads": "true"})
+    first, second = 2 * x + 2 * e, e + x + e
+    assert m["tpot_s"] * 2 == pytest.approx(_decode_compute_s(costs, trace) + first + second, rel=1e-12)
