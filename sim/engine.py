@@ -105,7 +105,7 @@ class Engine:
             self.ctl.start_forward(step.index, step.phase, step.num_tokens)
             self.step_start_at.append(self.now)
             attention_s = self.costs.attention_s(step.num_tokens, step.context)
-            for layer, (ids, counts) in enumerate(step.routes):
+            for layer, (ids, counts) in enumerate(self.workload.routes(step.index)):
                 yield from self._layer(step, layer, ids, counts, attention_s)
             self.step_end_at.append(self.now)
 

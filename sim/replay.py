@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from sim import fastpath
 from sim.costs import CostModel
 from sim.engine import Engine
 from sim.hardware import HardwareProfile, load_profile
@@ -81,7 +80,7 @@ def replay(trace: Trace | str | os.PathLike[str] | LoadedTrace, policy: str | Po
     spec = resolve_spec(trace_obj, as_model)
     profile = hw if isinstance(hw, HardwareProfile) else load_profile(hw)
     config = policy if isinstance(policy, PolicyConfig) else build_policy(policy, overrides)
-    if config.prediction in NEEDS_LOOKAHEAD and workload.lookahead_probs is None and config.prefetch != "none":
+    if config.prediction in NEEDS_LOOKAHEAD and not workload.has_lookahead and config.prefetch != "none":
         raise UserError(f"policy {config.name!r} predicts with look-ahead logits, which trace {trace_obj.model} lacks; "
                         "use --set prediction=eap (or none), or record the trace with look-ahead logits")
     budget_bytes = (int(memory_budget) if isinstance(memory_budget, (int, np.integer))
@@ -104,11 +103,8 @@ def replay(trace: Trace | str | os.PathLike[str] | LoadedTrace, policy: str | Po
         raise UserError(f"memory budget {format_bytes(budget_bytes)} leaves room for fewer than top-{spec.top_k} "
                         f"experts in each of the {spec.num_moe_layers} MoE layers under {config.name!r}; raise "
                         f"--memory-budget to at least {format_bytes(need)} (bf16 slots)") from None
-    if mode == "fast" and timeline is None and fastpath.eligible(ctl, profile):
-        result = fastpath.replay_lod(workload, ctl, costs)
-    else:
-        engine = Engine(workload, ctl, costs, record=timeline is not None)
-        result = engine.run("simpy" if mode == "simpy" else "loop")
+    engine = Engine(workload, ctl, costs, record=timeline is not None)
+    result = engine.run("simpy" if mode == "simpy" else "loop")
     metrics = compute_metrics(
         phases=[s.phase for s in workload.steps], num_tokens=[s.num_tokens for s in workload.steps],
         step_start_at=result.step_start_at, step_end_at=result.step_end_at, stats=ctl.stats,

@@ -35,33 +35,49 @@ NEVER = 1 << 62
 class FutureAccess:
     """The trace's future, for Belady eviction and the oracle predictor.
 
-    `routes[step][layer]` is `(expert_ids, token_counts)` of that forward step (a prefill chunk or a decode
-    token) and MoE layer, expert ids sorted ascending.
-    """
+    Built from the routes of every (forward step, MoE layer) in flat arrays: row s * L + l of
+    `route_ids` / `route_counts` (from `route_ptr[row]` to `route_ptr[row + 1]`) holds the experts that step
+    and layer route to, ascending, and the tokens each receives."""
 
-    def __init__(self, routes: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], num_layers: int) -> None:
-        self.routes = routes
-        """routes[step][layer] = (expert_ids [n] int, token_counts [n] int)."""
-        uses: list[dict[int, list[int]]] = [{} for _ in range(num_layers)]
-        for step, layers in enumerate(routes):
-            for layer, (ids, _) in enumerate(layers):
-                table = uses[layer]
-                for expert in ids.tolist():
-                    table.setdefault(expert, []).append(step)
-        self._uses = uses
-        """_uses[layer][expert] = ascending steps that route to that expert."""
+    def __init__(self, route_ptr: np.ndarray, route_ids: np.ndarray, route_counts: np.ndarray, num_layers: int,
+                 num_experts: int) -> None:
+        self.route_ptr, self.route_ids, self.route_counts = route_ptr, route_ids, route_counts
+        self.num_layers, self.num_experts = num_layers, num_experts
+        rows = np.repeat(np.arange(len(route_ptr) - 1, dtype=np.int64), np.diff(route_ptr))
+        key = (rows % num_layers) * num_experts + route_ids  # (layer, expert) of each route entry
+        order = np.argsort(key, kind="stable")  # entries are in step order, so each key's steps ascend
+        self.use_steps = (rows // num_layers)[order]
+        """Steps routing each (layer, expert), ascending: use_steps[use_ptr[l * E + e]:use_ptr[l * E + e + 1]]."""
+        self.use_ptr = np.zeros(num_layers * num_experts + 1, np.int64)
+        np.cumsum(np.bincount(key, minlength=num_layers * num_experts), out=self.use_ptr[1:])
+
+    @classmethod
+    def from_routes(cls, routes: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], num_layers: int,
+                    num_experts: int | None = None) -> FutureAccess:
+        """From `routes[step][layer] = (expert_ids ascending, token_counts)`."""
+        flat = [pair for layers in routes for pair in layers]
+        ids = np.concatenate([np.asarray(i, np.int64) for i, _ in flat]) if flat else np.zeros(0, np.int64)
+        counts = np.concatenate([np.asarray(c, np.int64) for _, c in flat]) if flat else np.zeros(0, np.int64)
+        ptr = np.zeros(len(flat) + 1, np.int64)
+        np.cumsum([len(i) for i, _ in flat], out=ptr[1:])
+        return cls(ptr, ids, counts, num_layers, num_experts or int(ids.max(initial=-1)) + 1)
 
     def next_use(self, layer: int, expert: int, step: int) -> int:
         """First step >= `step` in which `layer` routes to `expert`, or NEVER."""
-        steps = self._uses[layer].get(expert)
-        if not steps:
-            return NEVER
-        i = bisect.bisect_left(steps, step)
-        return steps[i] if i < len(steps) else NEVER
+        k = layer * self.num_experts + expert
+        lo, hi = self.use_ptr[k], self.use_ptr[k + 1]
+        i = lo + bisect.bisect_left(self.use_steps[lo:hi], step)
+        return int(self.use_steps[i]) if i < hi else NEVER
 
     def routed(self, step: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """(expert_ids, token_counts) of `layer` in forward step `step`."""
-        return self.routes[step][layer]
+        row = step * self.num_layers + layer
+        lo, hi = self.route_ptr[row], self.route_ptr[row + 1]
+        return self.route_ids[lo:hi], self.route_counts[lo:hi]
+
+    def step_routes(self, step: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`routed(step, l)` of every layer l."""
+        return [self.routed(step, layer) for layer in range(self.num_layers)]
 
 
 class LRU:
@@ -272,7 +288,7 @@ def simulate_cache(name: str, capacity: int, accesses: Sequence[int]) -> tuple[l
     The reference semantics of each policy on its own (one expert per step, nothing in flight); the
     tests check hand-computed sequences against it.
     """
-    future = FutureAccess([[(np.array([a]), np.array([1]))] for a in accesses], num_layers=1)
+    future = FutureAccess.from_routes([[(np.array([a]), np.array([1]))] for a in accesses], num_layers=1)
     policy = make_eviction(name, capacity, 0, future)
     resident: set[int] = set()
     hits: list[bool] = []

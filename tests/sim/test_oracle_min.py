@@ -36,7 +36,7 @@ def min_hits(steps: list[list[int]], capacity: int) -> int:
 
 
 def _steps(workload, layer: int) -> list[list[int]]:
-    return [step.routes[layer][0].tolist() for step in workload.steps]
+    return [workload.routes(step.index)[layer][0].tolist() for step in workload.steps]
 
 
 @pytest.mark.parametrize("seed, slots, prefill", [(0, 3, 10), (1, 4, 12), (2, 6, 16), (3, 2, 6)])
