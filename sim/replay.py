@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from sim import kernel
 from sim.costs import CostModel
 from sim.engine import Engine
 from sim.hardware import HardwareProfile, load_profile
@@ -69,8 +70,9 @@ def replay(trace: Trace | str | os.PathLike[str] | LoadedTrace, policy: str | Po
     policy: a preset name (with `overrides`, as `--set`) or a built PolicyConfig; hw: a profile name, TOML
     path or profile; memory_budget: total fast memory ("6GiB", "25%", or int bytes); as_model: replay
     with another model's shapes; timeline: write a Chrome trace-event JSON there; mode: "fast" (the
-    closed form of sim/fastpath.py where the policy allows it, else the engine's plain loop), "engine" (always
-    the plain loop) or "simpy" (the SimPy processes) -- all give identical results; score_fn: the learned
+    compiled kernel of sim/kernel where the policy allows it, else the reference engine's plain loop),
+    "engine" (always the reference engine's loop) or "simpy" (its SimPy processes) -- all give identical
+    results; score_fn: the learned
     predictor's scores.
     """
     if mode not in ("fast", "engine", "simpy"):
@@ -103,8 +105,10 @@ def replay(trace: Trace | str | os.PathLike[str] | LoadedTrace, policy: str | Po
         raise UserError(f"memory budget {format_bytes(budget_bytes)} leaves room for fewer than top-{spec.top_k} "
                         f"experts in each of the {spec.num_moe_layers} MoE layers under {config.name!r}; raise "
                         f"--memory-budget to at least {format_bytes(need)} (bf16 slots)") from None
-    engine = Engine(workload, ctl, costs, record=timeline is not None)
-    result = engine.run("simpy" if mode == "simpy" else "loop")
+    if mode == "fast" and timeline is None and kernel.unsupported(config) is None:
+        result = kernel.replay(workload, ctl, costs)
+    else:
+        result = Engine(workload, ctl, costs, record=timeline is not None).run("simpy" if mode == "simpy" else "loop")
     metrics = compute_metrics(
         phases=[s.phase for s in workload.steps], num_tokens=[s.num_tokens for s in workload.steps],
         step_start_at=result.step_start_at, step_end_at=result.step_end_at, stats=ctl.stats,

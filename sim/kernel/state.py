@@ -41,7 +41,9 @@ STAT_NAMES = ("prefetches_issued", "prefetches_used", "prefetches_cancelled", "p
               "prefetch_selected", "evictions", "bytes_on_demand", "bytes_prefetched", "bytes_prefetch_used")
 
 # result codes
-OK, POOL_EXHAUSTED, ALL_PINNED = 0, 1, 2
+OK, POOL_EXHAUSTED, ALL_PINNED, BUDGET_EXCEEDED = 0, 1, 2, 3
+ANY, FIRST, ONLY = 0, 1, 2
+"""Whether a victim must have landed: any expert, landed ones first, landed ones only."""
 
 
 class Inputs(NamedTuple):
@@ -105,6 +107,8 @@ class Settings(NamedTuple):
     fate_count: int
     lookahead_limit: int
     """Candidates of a one-token look-ahead prediction (crosslayer: the controller's limit; speculative: k)."""
+    prefill_depth: int
+    """Look-ahead predictions stored per prefill step and layer (`Inputs.prefill_ptr`)."""
     depth: int
     """Layers ahead a predictor predicts for."""
     top_k: int
@@ -198,7 +202,7 @@ class State(NamedTuple):
 
 
 (C_FREE_TRANSFERS, C_QUEUE, C_HEAP, C_LINK_SEQ, C_QUEUE_SEQ, C_SERIAL, C_TICK, C_OCCUPIED, C_PEAK, C_STEP,
- C_DEFERRED, C_COUNTS) = range(12)
+ C_DEFERRED, C_ERROR, C_COUNTS) = range(13)
 (K_NOW, K_STALL, K_CPU_FREE, K_CPU_EXPERT_FREE, K_CLOCKS) = range(5)
 
 
@@ -227,3 +231,58 @@ def new_state(inputs: Inputs, settings: Settings, num_layers: int, num_experts: 
         routed_per_layer=np.zeros(num_layers, i64), step_start_at=np.zeros(steps, f64),
         step_end_at=np.zeros(steps, f64), deferred=np.zeros(pool, i64),
     )
+
+
+class Scratch(NamedTuple):
+    """Per layer step working space (E: experts, W: prefetches one gate input may issue)."""
+
+    mark: np.ndarray
+    """[E] bool."""
+    taken: np.ndarray
+    """[E] bool."""
+    pool: np.ndarray
+    """[E] bool."""
+    in_use: np.ndarray
+    """[E] bool."""
+    routed: np.ndarray
+    """[E] bool."""
+    nothing: np.ndarray
+    """[E] bool, all False."""
+    fetch_e: np.ndarray
+    fetch_s: np.ndarray
+    fetch_p: np.ndarray
+    pred_e: np.ndarray
+    pred_s: np.ndarray
+    spare: np.ndarray
+    misses: np.ndarray
+    miss_tokens: np.ndarray
+    precision_of: np.ndarray
+    """[E] int64 load precision of each routed expert."""
+    work_e: np.ndarray
+    """GPU work of the layer step: expert, tokens, precision, transfer to wait for (-1 none); work_n of them."""
+    work_tokens: np.ndarray
+    work_precision: np.ndarray
+    work_tid: np.ndarray
+    loads: np.ndarray
+    cpu_e: np.ndarray
+    cpu_tokens: np.ndarray
+    sizes: np.ndarray
+    """int64 [work_n, loads_n, cpu_n]."""
+    compute_end: np.ndarray
+    """[E] float64 when each expert of the layer step finished computing."""
+    computed: np.ndarray
+    """[E] bool."""
+    prefetches: np.ndarray
+    """[W] int64 transfers one gate input issued."""
+    order: np.ndarray
+    """[E] int64."""
+
+
+def new_scratch(num_experts: int, prefetch_room: int) -> Scratch:
+    e = num_experts
+    b, i, f = np.bool_, np.int64, np.float64
+    return Scratch(np.zeros(e, b), np.zeros(e, b), np.zeros(e, b), np.zeros(e, b), np.zeros(e, b), np.zeros(e, b),
+                   np.zeros(e, i), np.zeros(e, f), np.zeros(e, i), np.zeros(e, i), np.zeros(e, f), np.zeros(e, i),
+                   np.zeros(e, i), np.zeros(e, i), np.zeros(e, i), np.zeros(e, i), np.zeros(e, i), np.zeros(e, i),
+                   np.zeros(e, i), np.zeros(e, i), np.zeros(e, i), np.zeros(e, i), np.zeros(3, i), np.zeros(e, f),
+                   np.zeros(e, b), np.zeros(prefetch_room, i), np.zeros(e, i))
