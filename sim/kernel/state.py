@@ -130,10 +130,16 @@ class State(NamedTuple):
     """[L, E] int64 transfer index of the expert's copy, or -1."""
     pinned: np.ndarray
     """[L, E] bool."""
+    res_list: np.ndarray
+    """[L, E] int64 the cached experts of each layer (any order); res_n[L] of them; res_pos[L, E] the index of
+    an expert in its layer's list."""
+    res_pos: np.ndarray
+    res_n: np.ndarray
     free_slots: np.ndarray
     """[L] int64."""
     pending: np.ndarray
-    """[L, E] int64 prefetch issued for the layer's next route, or -1."""
+    """[L, E] int64 prefetch issued for the layer's next route, or -1; pending_n[L] of them."""
+    pending_n: np.ndarray
     selected: np.ndarray
     """[L, E] bool: picked by the prefetch policy for the layer's next route."""
     selected_list: np.ndarray
@@ -212,8 +218,9 @@ def new_state(inputs: Inputs, settings: Settings, num_layers: int, num_experts: 
     steps = len(inputs.step_tokens)
     f64, i64 = np.float64, np.int64
     return State(
-        resident=np.full(shape, -1, i64), pinned=np.zeros(shape, np.bool_), free_slots=inputs.slots.copy(),
-        pending=np.full(shape, -1, i64), selected=np.zeros(shape, np.bool_), selected_list=np.zeros(shape, i64),
+        resident=np.full(shape, -1, i64), pinned=np.zeros(shape, np.bool_), res_list=np.zeros(shape, i64),
+        res_pos=np.zeros(shape, i64), res_n=np.zeros(num_layers, i64), free_slots=inputs.slots.copy(),
+        pending=np.full(shape, -1, i64), pending_n=np.zeros(num_layers, i64), selected=np.zeros(shape, np.bool_), selected_list=np.zeros(shape, i64),
         selected_n=np.zeros(num_layers, i64), tick=np.zeros(shape, i64), uses=np.zeros(shape, i64),
         arc_list=np.zeros(shape, i64), arc_size=np.zeros((num_layers, 5), i64), arc_p=np.zeros(num_layers, f64),
         arc_adapted=np.full(num_layers, -1, i64),
@@ -240,8 +247,8 @@ class Scratch(NamedTuple):
     """[E] bool."""
     taken: np.ndarray
     """[E] bool."""
-    pool: np.ndarray
-    """[E] bool."""
+    candidates: np.ndarray
+    """[E] int64."""
     in_use: np.ndarray
     """[E] bool."""
     routed: np.ndarray
@@ -281,7 +288,7 @@ class Scratch(NamedTuple):
 def new_scratch(num_experts: int, prefetch_room: int) -> Scratch:
     e = num_experts
     b, i, f = np.bool_, np.int64, np.float64
-    return Scratch(np.zeros(e, b), np.zeros(e, b), np.zeros(e, b), np.zeros(e, b), np.zeros(e, b), np.zeros(e, b),
+    return Scratch(np.zeros(e, b), np.zeros(e, b), np.zeros(e, i), np.zeros(e, b), np.zeros(e, b), np.zeros(e, b),
                    np.zeros(e, i), np.zeros(e, f), np.zeros(e, i), np.zeros(e, i), np.zeros(e, f), np.zeros(e, i),
                    np.zeros(e, i), np.zeros(e, i), np.zeros(e, i), np.zeros(e, i), np.zeros(e, i), np.zeros(e, i),
                    np.zeros(e, i), np.zeros(e, i), np.zeros(e, i), np.zeros(e, i), np.zeros(3, i), np.zeros(e, f),
