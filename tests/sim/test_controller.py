@@ -185,3 +185,26 @@ def test_speculate_stream_streams_guesses_without_a_cache() -> None:
     _done(ctl, picks)
     plan = ctl.on_route(1, np.array([3, 5, 7, 40]), np.ones(4, dtype=np.int64))
     assert plan.hits == [3, 5, 7] and plan.substitutions == [(40, 11)] and plan.loads == []
+
+
+def test_a_demand_load_prefers_a_landed_victim_to_a_copy_in_flight() -> None:
+    """LRU order would evict the stale prefetch still copying (least recently inserted), but a landed expert
+    goes first: the load need not wait for the copy."""
+    ctl = _ctl("lru", 4, guess=9, prediction="learned", prefetch="topk", prefetch_count="1", cancel_stale="false")
+    ctl.start_forward(0, "decode", 1)
+    [prefetch] = ctl.on_gate_input(0, Signals(0, "decode", 1))  # 9 into layer 1, the least recent
+    ctl.on_transfer_started(prefetch)
+    _done(ctl, ctl.on_route(1, np.array([1, 2, 3]), np.ones(3, dtype=np.int64)).loads)
+    ctl.start_forward(1, "decode", 1)
+    plan = ctl.on_route(1, np.array([2, 3, 4]), np.ones(3, dtype=np.int64))
+    assert plan.evictions == [1] and plan.loads[0].after_transfer is None
+
+
+def test_experts_whose_probability_underflowed_to_zero_are_never_prefetched() -> None:
+    """A sharp router: two experts share all the mass, the others' probabilities are exactly 0. topk 3
+    prefetches the two (a zero score is no prediction)."""
+    ctl = _ctl("mixtral-offloading", 8, prefetch_count="3")
+    probs = np.zeros((1, 1, SPEC.num_experts), dtype=np.float32)
+    probs[0, 0, [7, 3]] = [0.75, 0.25]
+    ctl.start_forward(0, "decode", 1)
+    assert [t.expert for t in ctl.on_gate_input(0, Signals(0, "decode", 1, probs))] == [7, 3]
