@@ -216,12 +216,10 @@ class RealrunSpeculate:
     def begin_sequence(self) -> None:
         """A new sequence: close the previous engine, open one with an empty cache."""
         from realrun.engine import OffloadEngine
-        from sim.hardware import load_profile
         from sim.policies.controller import OffloadController
 
         self._close()
-        # the profile only sets Fate's decode prefetch count, which speculate does not use
-        ctl = OffloadController(self.spec, self.policy, self.expert_budget_bytes, hw=load_profile("rtx3090-pcie3"))
+        ctl = OffloadController(self.spec, self.policy, self.expert_budget_bytes)
         route = ctl.on_route
 
         def counted(layer: int, ids: np.ndarray, counts: np.ndarray):

@@ -52,6 +52,7 @@ from realrun.store import DiskStore, SlowStore, aligned_buffer, round_up
 from sim.modelspec import ModelSpec
 from sim.policies.controller import LayerPlan, OffloadController, Transfer
 from sim.policies.prediction import Signals
+from sim.policies.requirements import lookahead_probabilities, needs_lookahead
 from traces.errors import UserError
 from traces.routercapture import find_routers
 
@@ -268,7 +269,7 @@ class OffloadEngine:
         start = time.perf_counter()
         x = x.reshape(-1, x.shape[-1]).float()  # [N, H]
         num_layers, num_experts = self.spec.num_moe_layers, self.spec.num_experts
-        need = self.ctl.policy.prediction in ("crosslayer", "speculative") or self.record_routes
+        need = needs_lookahead(self.ctl.policy) or self.record_routes
         lookahead = None
         if need:
             # gates of layers l+1..l+D on this gate input: what Fate's predictor sees [D, N, E]
@@ -277,11 +278,7 @@ class OffloadEngine:
                 if layer + d < num_layers:
                     lookahead[d - 1] = F.linear(x, self.router_weights[layer + d]).cpu().numpy()
         self._pending_lookahead[layer] = lookahead
-        probs = None
-        if lookahead is not None:
-            z = lookahead - lookahead.max(axis=-1, keepdims=True)
-            probs = np.exp(z)
-            probs /= probs.sum(axis=-1, keepdims=True)
+        probs = None if lookahead is None else lookahead_probabilities(lookahead)
         signals = Signals(step=self.step, phase=self.phase, num_tokens=x.shape[0], lookahead_probs=probs)
         self._report_transfers()
         for t in self.ctl.on_gate_input(layer, signals):
@@ -387,7 +384,7 @@ class OffloadEngine:
                 self.loader.promote(copy)
         deferred: dict[int, list[Transfer]] = {}
         # an expert of this step whose slot a later load reuses is no longer in the controller's cache
-        slot_of = {t.after_compute: t.slot for t in plan.loads if t.after_compute is not None}
+        slot_of = {t.reuses_slot_of: t.slot for t in plan.loads if t.reuses_slot_of is not None}
         for t in plan.loads:  # demand loads go out at once, unless their slot's occupant computes first
             if t.after_compute is not None:
                 deferred.setdefault(t.after_compute, []).append(t)

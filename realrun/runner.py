@@ -27,8 +27,8 @@ from torch import nn
 from realrun.quant import ExpertLayout, expert_layout, pack_expert, split_fused
 from realrun.store import DiskStore, RamStore, SlowStore, read_header, write_disk_store
 from sim.modelspec import ModelSpec
-from sim.policies.precision import PrecisionPolicy
 from sim.policies.presets import PolicyConfig
+from sim.policies.requirements import storage_precisions as policy_storage_precisions
 from traces.errors import UserError
 
 
@@ -107,12 +107,7 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: 
 # --- slow tier ---------------------------------------------------------------------------------------
 def storage_precisions(policy: PolicyConfig) -> list[str]:
     """Every precision the policy may load (and CPU execution reads), i.e. what the slow tier must hold."""
-    wanted = list(PrecisionPolicy(policy.precision, policy.int2_rate).storage_precisions())
-    if policy.miss == "lowbit":
-        wanted.append(policy.miss_precision)
-    if policy.miss == "cpu" and "bf16" not in wanted:
-        wanted.append("bf16")
-    return list(dict.fromkeys(wanted))
+    return list(policy_storage_precisions(policy))
 
 
 def packing_for(spec: ModelSpec, precision: str, device: torch.device) -> str:

@@ -37,11 +37,13 @@ from realrun.runner import (
     storage_precisions,
 )
 from realrun.store import SlowStore, aligned_buffer
+from sim.costs import CostModel
 from sim.hardware import HardwareProfile, load_profile, profile_from_dict
 from sim.metrics import compute_metrics
 from sim.modelspec import ModelSpec
 from sim.policies.allocation import allocate
 from sim.policies.controller import OffloadController
+from sim.policies.prefetch import decode_prefetch_count
 from sim.policies.presets import PolicyConfig, build_policy
 from sim.units import parse_budget
 from traces.errors import UserError
@@ -255,7 +257,8 @@ def run_offloaded(model: nn.Module, prompts: Prompts, *, model_name: str, policy
         try:
             hw = (profile if isinstance(profile, HardwareProfile)
                   else load_profile(profile) if profile else measure_profile(spec, slow, layouts, device))
-            ctl = OffloadController(spec, policy, experts_budget, hw=hw, popularity=popularity)
+            ctl = OffloadController(spec, policy, experts_budget, popularity=popularity,
+                                    decode_prefetch_count=decode_prefetch_count(CostModel(spec, hw)))
             with OffloadEngine(model, spec, ctl, slow, layouts, device, record_routes=trace_out is not None,
                                lookahead=policy.lookahead) as engine:
                 if engine_hook is not None:

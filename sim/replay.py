@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from sim import fastpath
+from sim import kernel
 from sim.costs import CostModel
 from sim.engine import Engine
 from sim.hardware import HardwareProfile, load_profile
@@ -24,6 +24,7 @@ from sim.metrics import compute_metrics
 from sim.modelspec import ModelSpec, check_same_structure, get_model_spec
 from sim.policies.controller import OffloadController
 from sim.policies.prediction import NEEDS_LOOKAHEAD
+from sim.policies.prefetch import decode_prefetch_count
 from sim.policies.presets import PolicyConfig, build_policy
 from sim.timeline import write_timeline
 from sim.units import format_bytes, parse_budget
@@ -69,8 +70,9 @@ def replay(trace: Trace | str | os.PathLike[str] | LoadedTrace, policy: str | Po
     policy: a preset name (with `overrides`, as `--set`) or a built PolicyConfig; hw: a profile name, TOML
     path or profile; memory_budget: total fast memory ("6GiB", "25%", or int bytes); as_model: replay
     with another model's shapes; timeline: write a Chrome trace-event JSON there; mode: "fast" (the
-    closed form of sim/fastpath.py where the policy allows it, else the engine's plain loop), "engine" (always
-    the plain loop) or "simpy" (the SimPy processes) -- all give identical results; score_fn: the learned
+    compiled kernel of sim/kernel where the policy allows it, else the reference engine's plain loop),
+    "engine" (always the reference engine's loop) or "simpy" (its SimPy processes) -- all give identical
+    results; score_fn: the learned
     predictor's scores.
     """
     if mode not in ("fast", "engine", "simpy"):
@@ -80,7 +82,7 @@ def replay(trace: Trace | str | os.PathLike[str] | LoadedTrace, policy: str | Po
     spec = resolve_spec(trace_obj, as_model)
     profile = hw if isinstance(hw, HardwareProfile) else load_profile(hw)
     config = policy if isinstance(policy, PolicyConfig) else build_policy(policy, overrides)
-    if config.prediction in NEEDS_LOOKAHEAD and workload.lookahead_probs is None and config.prefetch != "none":
+    if config.prediction in NEEDS_LOOKAHEAD and not workload.has_lookahead and config.prefetch != "none":
         raise UserError(f"policy {config.name!r} predicts with look-ahead logits, which trace {trace_obj.model} lacks; "
                         "use --set prediction=eap (or none), or record the trace with look-ahead logits")
     budget_bytes = (int(memory_budget) if isinstance(memory_budget, (int, np.integer))
@@ -92,9 +94,10 @@ def replay(trace: Trace | str | os.PathLike[str] | LoadedTrace, policy: str | Po
         raise UserError(f"memory budget {format_bytes(budget_bytes)} is below the non-expert weights, shared experts "
                         f"and KV cache ({format_bytes(resident)}) plus one layer's top-{spec.top_k} experts; "
                         f"raise --memory-budget (a percentage such as 25% is relative to the routed experts)")
+    costs = CostModel(spec, profile)
     try:
-        ctl = OffloadController(spec, config, expert_budget, hw=profile, future=workload.future,
-                                popularity=workload.popularity, score_fn=score_fn)
+        ctl = OffloadController(spec, config, expert_budget, decode_prefetch_count=decode_prefetch_count(costs),
+                                future=workload.future, popularity=workload.popularity, score_fn=score_fn)
     except UserError as error:
         if "expert slots" not in str(error):
             raise
@@ -102,12 +105,10 @@ def replay(trace: Trace | str | os.PathLike[str] | LoadedTrace, policy: str | Po
         raise UserError(f"memory budget {format_bytes(budget_bytes)} leaves room for fewer than top-{spec.top_k} "
                         f"experts in each of the {spec.num_moe_layers} MoE layers under {config.name!r}; raise "
                         f"--memory-budget to at least {format_bytes(need)} (bf16 slots)") from None
-    costs = CostModel(spec, profile)
-    if mode == "fast" and timeline is None and fastpath.eligible(ctl, profile):
-        result = fastpath.replay_lod(workload, ctl, costs)
+    if mode == "fast" and timeline is None and kernel.unsupported(config) is None:
+        result = kernel.replay(workload, ctl, costs)
     else:
-        engine = Engine(workload, ctl, costs, record=timeline is not None)
-        result = engine.run("simpy" if mode == "simpy" else "loop")
+        result = Engine(workload, ctl, costs, record=timeline is not None).run("simpy" if mode == "simpy" else "loop")
     metrics = compute_metrics(
         phases=[s.phase for s in workload.steps], num_tokens=[s.num_tokens for s in workload.steps],
         step_start_at=result.step_start_at, step_end_at=result.step_end_at, stats=ctl.stats,

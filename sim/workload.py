@@ -1,21 +1,22 @@
-"""A trace turned into forward steps: what the engine replays, computed once per trace.
+"""A trace turned into forward steps: what the engines replay, computed once per trace.
 
 A forward step is one prefill chunk (all prompt tokens of a sequence, processed together per layer) or
 one decode token. Sequences run one after another (batch size 1), in the trace's storage order. For each
-step and MoE layer we keep the distinct routed experts and how many of the step's tokens each received;
-an expert's compute time depends on that count. The look-ahead logits become probabilities once here.
+step and MoE layer we keep the distinct routed experts (ascending) and how many of the step's tokens each
+received; an expert's compute time depends on that count. The routes of all steps live in three flat
+arrays (`route_ptr`, `route_ids`, `route_counts`, row s * L + l), built with a few numpy operations.
+The look-ahead probabilities and the future-access index are computed on first use.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from sim.policies.eviction import FutureAccess
-
-RANK_DEPTH = 32
-"""Experts kept per pre-sorted look-ahead ranking (no prefetch policy takes more per layer in decode)."""
+from sim.policies.requirements import lookahead_probabilities
 
 
 @dataclass(frozen=True)
@@ -31,91 +32,108 @@ class Step:
     num_tokens: int
     context: int
     """KV positions each token of the step attends to at most (positions before it plus itself)."""
-    routes: tuple[tuple[np.ndarray, np.ndarray], ...]
-    """routes[l] = (expert ids ascending, token counts) of MoE layer l."""
 
 
-@dataclass(frozen=True)
 class Workload:
     """All forward steps of a trace plus what the policies derive from it."""
 
-    steps: tuple[Step, ...]
-    num_layers: int
-    num_experts: int
-    top_k: int
-    popularity: np.ndarray
-    """[L, E] tokens routed to each expert in the trace's prompts (prefill positions; every position when the
-    trace has none): the profiling pass of static pinning, which realrun runs on the same prompts."""
-    lookahead_probs: np.ndarray | None
-    """[D, T, L, E] float32 softmax over E of the look-ahead logits, or None."""
-    lookahead_rank: tuple[np.ndarray, np.ndarray] | None
-    """(experts [D, T, L, m], probs [D, T, L, m]): the look-ahead probabilities sorted best first (ties: lower
-    id), m = min(E, RANK_DEPTH); computed once so decode predictions need no sort."""
-    future: FutureAccess
-    max_context: int
-    """Longest sequence (KV-cache tokens the budget must hold)."""
-    decode_ids: np.ndarray | None = None
-    """[T, L, k] int64 routed experts of each position, ascending: where a decode token's k experts are
-    distinct (always, for real routers) its routes are this row, so the engine converts a whole step to
-    Python lists with one `tolist()` instead of one per layer."""
-    decode_distinct: np.ndarray | None = None
-    """[T] bool: whether the position's k experts are distinct in every layer (its row of `decode_ids` is
-    then its decode routes)."""
+    def __init__(self, steps: tuple[Step, ...], num_layers: int, num_experts: int, top_k: int,
+                 route_ptr: np.ndarray, route_ids: np.ndarray, route_counts: np.ndarray, popularity: np.ndarray,
+                 lookahead_logits: np.ndarray | None, max_context: int) -> None:
+        self.steps = steps
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.route_ptr = route_ptr
+        """[S * L + 1] int64: the routes of step s, layer l are row s * L + l of route_ids / route_counts."""
+        self.route_ids = route_ids
+        """int64 expert ids, ascending within a row."""
+        self.route_counts = route_counts
+        """int64 tokens of the step routed to each expert."""
+        self.popularity = popularity
+        """[L, E] tokens routed to each expert in the trace's prompts (prefill positions; every position when the
+        trace has none): the profiling pass of static pinning, which realrun runs on the same prompts."""
+        self.lookahead_logits = lookahead_logits
+        """[D, T, L, E] float16 as recorded, or None."""
+        self.max_context = max_context
+        """Longest sequence (KV-cache tokens the budget must hold)."""
+        self.derived: dict = {}
+        """Arrays that replays derive from the trace and share (the kernel's inputs, by key)."""
+
+    @property
+    def has_lookahead(self) -> bool:
+        return self.lookahead_logits is not None
+
+    @cached_property
+    def lookahead_probs(self) -> np.ndarray | None:
+        """[D, T, L, E] float32 softmax over E of the look-ahead logits, or None."""
+        return None if self.lookahead_logits is None else lookahead_probabilities(self.lookahead_logits)
+
+    @cached_property
+    def future(self) -> FutureAccess:
+        """The routes indexed for Belady and the oracle predictor."""
+        return FutureAccess(self.route_ptr, self.route_ids, self.route_counts, self.num_layers, self.num_experts)
+
+    def routes(self, step: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(expert ids, token counts) of each MoE layer in forward step `step`."""
+        return self.future.step_routes(step)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float32)
-    x -= x.max(axis=-1, keepdims=True)
-    np.exp(x, out=x)
-    x /= x.sum(axis=-1, keepdims=True)
-    return x
+def _concatenate(parts: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
 
 
 def build_workload(trace) -> Workload:
     """The forward steps of `trace` (a traces.format.Trace)."""
     topk = np.asarray(trace.topk_ids).astype(np.int64)  # [T, L, k]
-    num_tokens, num_layers, _ = topk.shape
+    num_tokens, num_layers, top_k = topk.shape
     num_experts = int(trace.model_config.num_experts)
-    is_prefill = np.asarray(trace.is_prefill)
+    is_prefill = np.asarray(trace.is_prefill).astype(bool)
     seq_ids = np.asarray(trace.seq_ids)
-    positions = np.asarray(trace.positions)
-    steps: list[Step] = []
-    decode_sorted = np.sort(topk, axis=2)  # [T, L, k]
-    ones = np.ones(topk.shape[2], dtype=np.int64)
+    positions = np.asarray(trace.positions).astype(np.int64)
+    starts, sizes, prefill, seqs, contexts = [], [], [], [], []
     max_context = 0
-    for sl in trace.sequence_slices():
-        seq = int(seq_ids[sl.start])
+    for sl in trace.sequence_slices():  # a prefill step (the prompt), then one step per decode position
         n_prefill = int(np.count_nonzero(is_prefill[sl]))
         start_pos = int(positions[sl.start])
         max_context = max(max_context, start_pos + sl.stop - sl.start)
+        decode = np.arange(sl.start + n_prefill, sl.stop)
         if n_prefill:
-            routes = []
-            block = topk[sl.start:sl.start + n_prefill]  # [n, L, k]
-            for layer in range(num_layers):
-                ids, counts = np.unique(block[:, layer, :], return_counts=True)
-                routes.append((ids, counts))
-            steps.append(Step(len(steps), seq, "prefill", sl.start, n_prefill, start_pos + n_prefill, tuple(routes)))
-        for t in range(sl.start + n_prefill, sl.stop):
-            rows = decode_sorted[t]
-            routes = []
-            for layer in range(num_layers):
-                ids = rows[layer]
-                if ids.size > 1 and np.any(ids[1:] == ids[:-1]):
-                    ids, counts = np.unique(ids, return_counts=True)
-                    routes.append((ids, counts))
-                else:
-                    routes.append((ids, ones))
-            steps.append(Step(len(steps), seq, "decode", t, 1, int(positions[t]) + 1, tuple(routes)))
-    profiled = topk[is_prefill.astype(bool)] if np.any(is_prefill) else topk
-    popularity = np.zeros((num_layers, num_experts), dtype=np.int64)
-    for layer in range(num_layers):
-        popularity[layer] = np.bincount(profiled[:, layer, :].ravel(), minlength=num_experts)[:num_experts]
-    probs = rank = None
-    if trace.lookahead_logits is not None:
-        probs = _softmax(np.asarray(trace.lookahead_logits))
-        order = np.argsort(-probs, axis=-1, kind="stable")[..., :RANK_DEPTH]  # [D, T, L, m]
-        rank = (order.astype(np.int16), np.take_along_axis(probs, order, axis=-1))
-    future = FutureAccess([s.routes for s in steps], num_layers)
-    distinct = (np.diff(decode_sorted, axis=2) != 0).all(axis=(1, 2))
-    return Workload(tuple(steps), num_layers, num_experts, int(topk.shape[2]), popularity, probs, rank, future,
-                    max_context, decode_sorted, distinct)
+            decode_starts = np.concatenate([[sl.start], decode])
+            decode_sizes = np.concatenate([[n_prefill], np.ones(decode.size, np.int64)])
+            decode_prefill = np.concatenate([[True], np.zeros(decode.size, bool)])
+            decode_contexts = np.concatenate([[start_pos + n_prefill], positions[decode] + 1])
+        else:
+            decode_starts, decode_sizes = decode, np.ones(decode.size, np.int64)
+            decode_prefill, decode_contexts = np.zeros(decode.size, bool), positions[decode] + 1
+        starts.append(decode_starts)
+        sizes.append(decode_sizes)
+        prefill.append(decode_prefill)
+        contexts.append(decode_contexts)
+        seqs.append(np.full(decode_starts.size, int(seq_ids[sl.start]), np.int64))
+    step_start, step_size = _concatenate(starts, np.int64), _concatenate(sizes, np.int64)
+    step_prefill, step_seq, step_context = (_concatenate(prefill, bool), _concatenate(seqs, np.int64),
+                                            _concatenate(contexts, np.int64))
+    num_steps = step_start.size
+    steps = tuple(Step(i, int(q), "prefill" if p else "decode", int(t), int(n), int(c)) for i, (q, p, t, n, c) in
+                  enumerate(zip(step_seq.tolist(), step_prefill.tolist(), step_start.tolist(), step_size.tolist(),
+                                step_context.tolist(), strict=True)))
+    # each position's routes go to its step's row; a row's experts ascending, with how many tokens chose each
+    step_of = np.repeat(np.arange(num_steps, dtype=np.int64), step_size)
+    rows = step_of[:, None] * num_layers + np.arange(num_layers)[None, :]  # [T, L]
+    keys = np.sort((rows[:, :, None] * num_experts + topk).ravel(), kind="stable")  # nearly sorted already
+    first = np.ones(keys.size, bool)
+    np.not_equal(keys[1:], keys[:-1], out=first[1:])
+    starts_at = np.flatnonzero(first)
+    cell = keys[starts_at]  # distinct (row, expert) cells, in row order, experts ascending
+    cell_counts = np.diff(np.append(starts_at, keys.size))
+    route_ids = cell % num_experts
+    route_rows = cell // num_experts
+    route_ptr = np.zeros(num_steps * num_layers + 1, np.int64)
+    np.cumsum(np.bincount(route_rows, minlength=num_steps * num_layers), out=route_ptr[1:])
+    profiled = topk[is_prefill] if np.any(is_prefill) else topk
+    layer_keys = (np.arange(num_layers)[None, :, None] * num_experts + profiled).ravel()
+    popularity = np.bincount(layer_keys, minlength=num_layers * num_experts).reshape(num_layers, num_experts)
+    return Workload(steps, num_layers, num_experts, int(top_k), route_ptr, route_ids.astype(np.int64),
+                    cell_counts.astype(np.int64), popularity.astype(np.int64),
+                    None if trace.lookahead_logits is None else np.asarray(trace.lookahead_logits), max_context)

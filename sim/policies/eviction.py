@@ -2,24 +2,25 @@
 
 One policy object per MoE layer. The controller owns the cache contents (which experts are resident, in
 flight or pinned) and asks the policy only two things: keep your bookkeeping up to date (`on_insert`,
-`on_access`, `on_remove`) and pick a victim among the experts it may evict (`victim`; LRU and ARC also
-expose their whole eviction order as `preference`, the others set it to None). Candidates exclude
-pinned experts, experts in use by the current layer step and transfers not yet started, so every policy
-here is "the classic algorithm restricted to the evictable set".
+`on_access`, `on_remove`) and pick a victim among the experts it may evict (`victim`). Candidates exclude
+pinned experts and experts in use by the current layer step (and the controller offers landed experts
+first), so every policy here is "the classic algorithm restricted to the evictable set".
 
 - `lru`: least recently used.
 - `lfu`: least frequently used since insertion (in-cache frequency), ties broken by recency.
 - `arc`: adaptive replacement cache (Megiddo & Modha, FAST 2003) with recency list T1, frequency list T2,
   their ghost lists B1, B2 and the adaptive target p; capacity c = the layer's slots.
 - `belady`: evict the expert whose next use lies farthest in the future (needs `FutureAccess`; the bound).
-- `none`: no reuse at all; the controller empties the layer before each step (pure load on demand).
+- `none`: no reuse: before each layer step the controller drops every landed expert of the layer but those
+  the prefetcher picked for this step (pure load on demand without a prefetcher; with one, a stream of
+  experts fetched ahead of their layer and dropped after it, as in Speculating Experts' engine).
 """
 
 from __future__ import annotations
 
 import bisect
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from itertools import chain
 
 import numpy as np
@@ -34,41 +35,55 @@ NEVER = 1 << 62
 class FutureAccess:
     """The trace's future, for Belady eviction and the oracle predictor.
 
-    `routes[step][layer]` is `(expert_ids, token_counts)` of that forward step (a prefill chunk or a decode
-    token) and MoE layer, expert ids sorted ascending.
-    """
+    Built from the routes of every (forward step, MoE layer) in flat arrays: row s * L + l of
+    `route_ids` / `route_counts` (from `route_ptr[row]` to `route_ptr[row + 1]`) holds the experts that step
+    and layer route to, ascending, and the tokens each receives."""
 
-    def __init__(self, routes: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], num_layers: int) -> None:
-        self.routes = routes
-        """routes[step][layer] = (expert_ids [n] int, token_counts [n] int)."""
-        uses: list[dict[int, list[int]]] = [{} for _ in range(num_layers)]
-        for step, layers in enumerate(routes):
-            for layer, (ids, _) in enumerate(layers):
-                table = uses[layer]
-                for expert in ids.tolist():
-                    table.setdefault(expert, []).append(step)
-        self._uses = uses
-        """_uses[layer][expert] = ascending steps that route to that expert."""
+    def __init__(self, route_ptr: np.ndarray, route_ids: np.ndarray, route_counts: np.ndarray, num_layers: int,
+                 num_experts: int) -> None:
+        self.route_ptr, self.route_ids, self.route_counts = route_ptr, route_ids, route_counts
+        self.num_layers, self.num_experts = num_layers, num_experts
+        rows = np.repeat(np.arange(len(route_ptr) - 1, dtype=np.int64), np.diff(route_ptr))
+        key = (rows % num_layers) * num_experts + route_ids  # (layer, expert) of each route entry
+        order = np.argsort(key, kind="stable")  # entries are in step order, so each key's steps ascend
+        self.use_steps = (rows // num_layers)[order]
+        """Steps routing each (layer, expert), ascending: use_steps[use_ptr[l * E + e]:use_ptr[l * E + e + 1]]."""
+        self.use_ptr = np.zeros(num_layers * num_experts + 1, np.int64)
+        np.cumsum(np.bincount(key, minlength=num_layers * num_experts), out=self.use_ptr[1:])
+
+    @classmethod
+    def from_routes(cls, routes: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], num_layers: int,
+                    num_experts: int | None = None) -> FutureAccess:
+        """From `routes[step][layer] = (expert_ids ascending, token_counts)`."""
+        flat = [pair for layers in routes for pair in layers]
+        ids = np.concatenate([np.asarray(i, np.int64) for i, _ in flat]) if flat else np.zeros(0, np.int64)
+        counts = np.concatenate([np.asarray(c, np.int64) for _, c in flat]) if flat else np.zeros(0, np.int64)
+        ptr = np.zeros(len(flat) + 1, np.int64)
+        np.cumsum([len(i) for i, _ in flat], out=ptr[1:])
+        return cls(ptr, ids, counts, num_layers, num_experts or int(ids.max(initial=-1)) + 1)
 
     def next_use(self, layer: int, expert: int, step: int) -> int:
         """First step >= `step` in which `layer` routes to `expert`, or NEVER."""
-        steps = self._uses[layer].get(expert)
-        if not steps:
-            return NEVER
-        i = bisect.bisect_left(steps, step)
-        return steps[i] if i < len(steps) else NEVER
+        k = layer * self.num_experts + expert
+        lo, hi = self.use_ptr[k], self.use_ptr[k + 1]
+        i = lo + bisect.bisect_left(self.use_steps[lo:hi], step)
+        return int(self.use_steps[i]) if i < hi else NEVER
 
     def routed(self, step: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """(expert_ids, token_counts) of `layer` in forward step `step`."""
-        return self.routes[step][layer]
+        row = step * self.num_layers + layer
+        lo, hi = self.route_ptr[row], self.route_ptr[row + 1]
+        return self.route_ids[lo:hi], self.route_counts[lo:hi]
+
+    def step_routes(self, step: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`routed(step, l)` of every layer l."""
+        return [self.routed(step, layer) for layer in range(self.num_layers)]
 
 
 class LRU:
     """Least recently used."""
 
     name = "lru"
-    records_accesses = True
-    """Whether `on_access` does anything (the controller skips the call where it does not)."""
 
     def __init__(self, capacity: int) -> None:
         self.order: OrderedDict[int, None] = OrderedDict()
@@ -81,12 +96,6 @@ class LRU:
     def on_access(self, expert: int, step: int) -> None:
         self.order.move_to_end(expert)
 
-    def on_access_many(self, experts: list[int], step: int) -> None:
-        """`on_access` of each of `experts`, in order (one call per layer step)."""
-        move = self.order.move_to_end
-        for expert in experts:
-            move(expert)
-
     def on_remove(self, expert: int) -> None:
         self.order.pop(expert, None)
 
@@ -96,20 +105,11 @@ class LRU:
                 return expert
         raise ValueError("no evictable expert among the candidates")
 
-    def preference(self, incoming: int | None) -> Iterable[int]:
-        """The tracked experts in the order `victim` prefers them (the victim is the first candidate).
-        Speed: the controller scans this itself instead of building the candidate set, as the first
-        expert is almost always evictable (one test, not ~15)."""
-        return self.order
-
 
 class LFU:
     """Least frequently used since insertion; ties go to the least recently used."""
 
     name = "lfu"
-    records_accesses = True
-    preference = None
-    """No order to scan (see LRU.preference): the controller builds candidate sets and asks `victim`."""
 
     def __init__(self, capacity: int) -> None:
         self.count: dict[int, int] = {}
@@ -128,11 +128,6 @@ class LFU:
         self.count[expert] += 1
         self.last[expert] = self._tick
 
-    def on_access_many(self, experts: list[int], step: int) -> None:
-        """`on_access` of each of `experts`, in order (one call per layer step)."""
-        for expert in experts:
-            self.on_access(expert, step)
-
     def on_remove(self, expert: int) -> None:
         self.count.pop(expert, None)
         self.last.pop(expert, None)
@@ -142,10 +137,16 @@ class LFU:
 
 
 class ARC:
-    """Adaptive replacement cache: T1 (seen once), T2 (seen twice or more), ghosts B1, B2, target p."""
+    """Adaptive replacement cache (Megiddo & Modha, FAST 2003): T1 (seen once), T2 (seen twice or more),
+    ghosts B1, B2 of recently evicted experts, and the adaptive target p for |T1|.
+
+    A miss on a ghost first adapts p (a B1 ghost grows it by max(|B2| / |B1|, 1), a B2 ghost shrinks it by
+    max(|B1| / |B2|, 1), from the list sizes before anything is evicted for it), then REPLACE picks the
+    victim, then the expert enters T2 (a ghost) or T1 (new). The controller asks `victim(candidates, x)`
+    before `on_insert(x)` whenever x needs an occupied slot, so that order holds; with a free slot,
+    `on_insert` adapts p itself."""
 
     name = "arc"
-    records_accesses = True
 
     def __init__(self, capacity: int) -> None:
         self.c = max(1, capacity)
@@ -156,40 +157,43 @@ class ARC:
         self.t2: OrderedDict[int, None] = OrderedDict()
         self.b1: OrderedDict[int, None] = OrderedDict()
         self.b2: OrderedDict[int, None] = OrderedDict()
+        self._adapted_for: int | None = None
+        """The incoming expert p was last adapted for (by `victim`), until it is inserted."""
 
-    def _adapted_p(self, incoming: int | None) -> float:
-        if incoming in self.b1:
-            return min(float(self.c), self.p + max(len(self.b2) / len(self.b1), 1.0))
-        if incoming in self.b2:
-            return max(0.0, self.p - max(len(self.b1) / len(self.b2), 1.0))
-        return self.p
+    def _adapt(self, incoming: int | None) -> None:
+        """Adapt p to a ghost hit of `incoming` (once per insertion)."""
+        if incoming is None or incoming == self._adapted_for:
+            return
+        self._adapted_for = incoming
+        b1, b2 = self.b1, self.b2
+        if incoming in b1:
+            self.p = min(float(self.c), self.p + max(len(b2) / len(b1), 1.0))
+        elif incoming in b2:
+            self.p = max(0.0, self.p - max(len(b1) / len(b2), 1.0))
 
     def victim(self, candidates: set[int], incoming: int | None, step: int) -> int:
-        """ARC's REPLACE: LRU of T1 if T1 exceeds p (or equals it on a B2 hit), else LRU of T2."""
-        for expert in self.preference(incoming):
+        """ARC's REPLACE for `incoming`: the least recently used of T1 if |T1| exceeds p (or equals it and
+        `incoming` is a B2 ghost), else of T2; the other list when the first holds no candidate."""
+        self._adapt(incoming)
+        t1, t2 = self.t1, self.t2
+        n1 = len(t1)
+        if n1 and (n1 > self.p or (n1 == self.p and incoming in self.b2)):
+            order = chain(t1, t2)
+        else:
+            order = chain(t2, t1)
+        for expert in order:
             if expert in candidates:
                 return expert
         raise ValueError("no evictable expert among the candidates")
 
-    def preference(self, incoming: int | None) -> Iterable[int]:
-        """The tracked experts in the order `victim` prefers them (see LRU.preference)."""
-        t1, t2 = self.t1, self.t2
-        n1 = len(t1)
-        # Speed: an on-demand load (incoming None) is in no ghost list, so p needs no adapting.
-        p = self.p if incoming is None else self._adapted_p(incoming)
-        if n1 and (n1 > p or (n1 == p and incoming in self.b2)):
-            return chain(t1, t2)
-        return chain(t2, t1)
-
     def on_insert(self, expert: int, step: int) -> None:
-        b1, b2 = self.b1, self.b2
-        if expert in b1:  # a ghost hit: adapt p (as `_adapted_p`), promote to the frequent list
-            self.p = min(float(self.c), self.p + max(len(b2) / len(b1), 1.0))
-            del b1[expert]
+        self._adapt(expert)  # no-op when `victim` adapted p for it already
+        self._adapted_for = None
+        if expert in self.b1:  # a ghost hit: to the frequent list
+            del self.b1[expert]
             self.t2[expert] = None
-        elif expert in b2:
-            self.p = max(0.0, self.p - max(len(b1) / len(b2), 1.0))
-            del b2[expert]
+        elif expert in self.b2:
+            del self.b2[expert]
             self.t2[expert] = None
         else:
             self.t1[expert] = None
@@ -199,17 +203,6 @@ class ARC:
         self.t1.pop(expert, None)
         self.t2[expert] = None
         self.t2.move_to_end(expert)
-
-    def on_access_many(self, experts: list[int], step: int) -> None:
-        """`on_access` of each of `experts`, in order (one call per layer step)."""
-        t1_pop, t2 = self.t1.pop, self.t2  # hoisted: ~4 lookups fewer per hit
-        move = t2.move_to_end
-        for expert in experts:
-            if expert in t2:  # the usual hit: already frequent, only its recency changes
-                move(expert)
-            else:  # from T1 (or new) to the MRU end of T2, as on_access
-                t1_pop(expert, None)
-                t2[expert] = None
 
     def on_remove(self, expert: int) -> None:
         """An evicted expert leaves a ghost in B1 (from T1) or B2 (from T2)."""
@@ -233,18 +226,10 @@ class ARC:
 class _NoBookkeeping:
     """Policies whose victim needs no record of past accesses: every notification is ignored."""
 
-    records_accesses = False
-    preference = None
-    """No order to scan (see LRU.preference): the controller builds candidate sets and asks `victim`."""
-
     def on_insert(self, expert: int, step: int) -> None:
         pass
 
     def on_access(self, expert: int, step: int) -> None:
-        pass
-
-    def on_access_many(self, experts: list[int], step: int) -> None:
-        """`on_access` of each of `experts`, in order (one call per layer step)."""
         pass
 
     def on_remove(self, expert: int) -> None:
@@ -277,28 +262,11 @@ class NoReuse(_NoBookkeeping):
         return min(candidates)
 
 
-class NeverEvicts(_NoBookkeeping):
-    """Stands in for any policy in a layer whose slots hold every expert: a victim is never needed there,
-    so no bookkeeping is kept (speed: ARC's on every hit and insert)."""
-
-    name = "never"
-
-    def __init__(self, capacity: int) -> None:
-        pass
-
-    def victim(self, candidates: set[int], incoming: int | None, step: int) -> int:
-        raise AssertionError("a layer with a slot for every expert never evicts")
+EvictionPolicy = LRU | LFU | ARC | Belady | NoReuse
 
 
-EvictionPolicy = LRU | LFU | ARC | Belady | NoReuse | NeverEvicts
-
-
-def make_eviction(name: str, capacity: int, layer: int, future: FutureAccess | None,
-                  num_experts: int | None = None) -> EvictionPolicy:
-    """The eviction policy `name` for one layer of `capacity` slots (`NeverEvicts` where the capacity holds
-    all `num_experts` experts, as every policy then never picks a victim)."""
-    if num_experts is not None and capacity >= num_experts:
-        return NeverEvicts(capacity)
+def make_eviction(name: str, capacity: int, layer: int, future: FutureAccess | None) -> EvictionPolicy:
+    """The eviction policy `name` for one layer of `capacity` slots."""
     if name == "lru":
         return LRU(capacity)
     if name == "none":
@@ -320,7 +288,7 @@ def simulate_cache(name: str, capacity: int, accesses: Sequence[int]) -> tuple[l
     The reference semantics of each policy on its own (one expert per step, nothing in flight); the
     tests check hand-computed sequences against it.
     """
-    future = FutureAccess([[(np.array([a]), np.array([1]))] for a in accesses], num_layers=1)
+    future = FutureAccess.from_routes([[(np.array([a]), np.array([1]))] for a in accesses], num_layers=1)
     policy = make_eviction(name, capacity, 0, future)
     resident: set[int] = set()
     hits: list[bool] = []

@@ -50,16 +50,16 @@ class Signals:
     num_tokens: int
     """Tokens in this step (1 in decode)."""
     lookahead_probs: np.ndarray | None = None
-    """[D, n, E] softmax over E of the gates of layers l+1..l+D applied to layer l's gate input; n = tokens."""
-    lookahead_rank: tuple[list[list[int]], list[list[float]]] | None = None
-    """Optional, decode only, instead of lookahead_probs: the same probabilities pre-sorted, (experts [D][m],
-    probs [D][m]) as lists, best first (ties: lower id), m <= E candidates: at least the controller's
-    `prediction_limit`, or its `ranked_picks` where set. An engine that ranks a whole trace at once passes
-    this to save a sort per layer."""
+    """[D, n, E] softmax over E of the gates of layers l+1..l+D applied to layer l's gate input; n = tokens
+    (`sim.policies.requirements.lookahead_probabilities`)."""
+
+
+ScoreFn = Callable[[int, Signals], np.ndarray]
+"""The learned predictor's scores: score_fn(layer, signals) -> [E] non-negative scores of layer + 1."""
 
 
 class Prediction(NamedTuple):
-    """Experts predicted for one layer ahead, most likely first (a tuple: cheap to make per layer)."""
+    """Experts predicted for one layer ahead, most likely first."""
 
     layer: int
     experts: tuple[int, ...] | list[int]
@@ -67,12 +67,9 @@ class Prediction(NamedTuple):
     """Decode: probability-like confidence in [0, 1]; prefill: predicted token count."""
 
 
-_new_prediction = tuple.__new__
-"""`_new_prediction(Prediction, (layer, experts, scores))`: a Prediction without the Python-level constructor."""
-
-
 def _rank(scores: np.ndarray, limit: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """Experts with score > 0, highest first (ties: lower id), at most `limit`."""
+    """Experts with score > 0, highest first (ties: lower id), at most `limit`: an expert with score 0 (a
+    probability that underflowed, an expert no token picked) is never predicted."""
     order = np.argsort(-scores, kind="stable")[:limit]
     order = order[scores[order] > 0]
     return tuple(order.tolist()), tuple(scores[order].tolist())
@@ -103,8 +100,6 @@ class LookaheadPredictor:
         self.top_k = top_k
         self.depth = depth
         """How many layers ahead to predict (<= the look-ahead depth D of the signals)."""
-        self.decode_limit = limit if name == "crosslayer" else top_k
-        """Candidates per layer ahead in decode."""
 
     def begin_step(self, step: int, phase: str) -> None:
         pass
@@ -113,18 +108,6 @@ class LookaheadPredictor:
         pass
 
     def predict(self, layer: int, signals: Signals) -> list[Prediction]:
-        rank = signals.lookahead_rank
-        if rank is not None and signals.num_tokens == 1:
-            ids, values = rank  # [D][m], [D][m]
-            limit = self.decode_limit
-            # Speed (once per layer step): list slices instead of tuples, and Predictions made by tuple.__new__
-            # (the NamedTuple constructor is a Python function, ~0.3 µs); depth 1, the default, needs no loop.
-            if self.depth == 1 and layer + 1 < self.num_layers and ids:
-                return [_new_prediction(Prediction, (layer + 1, ids[0][:limit], values[0][:limit]))]
-            out = []
-            for d in range(min(self.depth, len(ids), self.num_layers - 1 - layer)):
-                out.append(_new_prediction(Prediction, (layer + d + 1, ids[d][:limit], values[d][:limit])))
-            return out
         probs = signals.lookahead_probs  # [D, n, E]
         if probs is None:
             raise UserError(f"predictor {self.name!r} needs look-ahead logits; record the trace with them "
@@ -135,16 +118,19 @@ class LookaheadPredictor:
             if target >= self.num_layers:
                 break
             p = probs[d]  # [n, E]
-            if p.shape[0] == 1:
-                scores = p[0]
-                limit = self.limit if self.name == "crosslayer" else self.top_k
-            else:
-                top = np.argpartition(-p, self.top_k - 1, axis=1)[:, : self.top_k]  # [n, k]
-                scores = np.bincount(top.ravel(), minlength=self.num_experts).astype(np.float64)
-                limit = self.num_experts
-            experts, values = _rank(scores, limit)
+            if p.shape[0] == 1:  # decode: by probability
+                experts, values = _rank(p[0], self.limit if self.name == "crosslayer" else self.top_k)
+            else:  # prefill: by predicted popularity
+                experts, values = _rank(predicted_counts(p, self.top_k), self.num_experts)
             out.append(Prediction(target, experts, values))
         return out
+
+
+def predicted_counts(probs: np.ndarray, top_k: int) -> np.ndarray:
+    """[E] float64: how many of the tokens ([n, E] probabilities) have each expert among their top-k (ties
+    within a token broken as numpy's argpartition breaks them)."""
+    top = np.argpartition(-probs, top_k - 1, axis=1)[:, :top_k]  # [n, k]
+    return np.bincount(top.ravel(), minlength=probs.shape[1]).astype(np.float64)
 
 
 class EapPredictor:
@@ -258,23 +244,50 @@ class LearnedPredictor:
 Predictor = NoPredictor | LookaheadPredictor | EapPredictor | OraclePredictor | LearnedPredictor
 
 
+@dataclass(frozen=True)
+class PredictorInputs:
+    """Everything a predictor may be built from (`make_predictor`'s arguments)."""
+
+    num_layers: int
+    num_experts: int
+    top_k: int
+    depth: int
+    eap_history: int
+    limit: int
+    future: FutureAccess | None
+    score_fn: ScoreFn | None
+
+
+def _oracle(name: str, a: PredictorInputs) -> Predictor:
+    if a.future is None:
+        raise UserError("predictor 'oracle' needs the trace's future routing")
+    return OraclePredictor(a.num_layers, a.depth, a.future)
+
+
+def _learned(name: str, a: PredictorInputs) -> Predictor:
+    if a.score_fn is None:
+        raise UserError("predictor 'learned' needs a trained estimator (score_fn); see `fatesim train-estimator`")
+    return LearnedPredictor(a.num_layers, a.num_experts, a.score_fn)
+
+
+BUILDERS: dict[str, Callable[[str, PredictorInputs], Predictor]] = {
+    "none": lambda name, a: NoPredictor(),
+    "crosslayer": lambda name, a: LookaheadPredictor(name, a.num_layers, a.num_experts, a.top_k, a.depth,
+                                                     a.limit or a.num_experts),
+    "speculative": lambda name, a: LookaheadPredictor(name, a.num_layers, a.num_experts, a.top_k, a.depth,
+                                                      a.limit or a.num_experts),
+    "eap": lambda name, a: EapPredictor(a.num_layers, a.num_experts, a.top_k, a.depth, a.eap_history),
+    "oracle": _oracle,
+    "learned": _learned,
+}
+"""name -> builder(name, inputs): the registry of predictors (a new predictor adds its name to PREDICTIONS and
+a builder here; a builder raises UserError when the inputs lack what the predictor needs)."""
+
+
 def make_predictor(name: str, *, num_layers: int, num_experts: int, top_k: int, depth: int, eap_history: int,
-                   limit: int = 0,
-                   future: FutureAccess | None = None,
-                   score_fn: Callable[[int, Signals], np.ndarray] | None = None) -> Predictor:
+                   limit: int = 0, future: FutureAccess | None = None, score_fn: ScoreFn | None = None) -> Predictor:
     """The predictor `name`; UserError when it lacks what it needs (future, score_fn)."""
-    if name == "none":
-        return NoPredictor()
-    if name in NEEDS_LOOKAHEAD:
-        return LookaheadPredictor(name, num_layers, num_experts, top_k, depth, limit or num_experts)
-    if name == "eap":
-        return EapPredictor(num_layers, num_experts, top_k, depth, eap_history)
-    if name == "oracle":
-        if future is None:
-            raise UserError("predictor 'oracle' needs the trace's future routing")
-        return OraclePredictor(num_layers, depth, future)
-    if name == "learned":
-        if score_fn is None:
-            raise UserError("predictor 'learned' needs a trained estimator (score_fn); see `fatesim train-estimator`")
-        return LearnedPredictor(num_layers, num_experts, score_fn)
-    raise UserError(f"unknown prediction {name!r}; choose one of {', '.join(PREDICTIONS)}")
+    if name not in BUILDERS:
+        raise UserError(f"unknown prediction {name!r}; choose one of {', '.join(PREDICTIONS)}")
+    inputs = PredictorInputs(num_layers, num_experts, top_k, depth, eap_history, limit, future, score_fn)
+    return BUILDERS[name](name, inputs)

@@ -20,8 +20,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sim.policies.prediction import Prediction
+
+if TYPE_CHECKING:  # the controller must not depend on the cost model; its callers do
+    from sim.costs import CostModel
 
 PREFETCHES = ("none", "fate", "topk", "all")
 """Valid prefetch policy names."""
@@ -37,7 +41,7 @@ class PrefetchPolicy:
     prefetch_count: int
     """Experts per layer ahead for `topk`."""
     fate_decode_count: int
-    """Fate's n = floor(layer time / INT4 transfer time), at least 1 (computed from the cost model)."""
+    """Fate's n = floor(layer time / INT4 transfer time), at least 1 (`decode_prefetch_count`)."""
 
     def select(self, predictions: list[Prediction], phase: str) -> list[tuple[int, int, float]]:
         """(layer, expert, score) to prefetch, in issue order (nearest layer first, best first)."""
@@ -65,16 +69,12 @@ class PrefetchPolicy:
         return experts[:count], scores[:count]
 
 
-    def decode_prefix(self) -> int | None:
-        """How many of a decode prediction's best experts `select_layer` keeps, when that is a fixed number
-        whatever the scores (`fate` without a confidence threshold, `topk`); else None."""
-        if self.name == "fate":
-            return self.fate_decode_count if self.confidence <= 0.0 else None
-        if self.name == "topk":
-            return self.prefetch_count
-        return None
-
-
 def fate_decode_count(decode_layer_s: float, int4_transfer_s: float) -> int:
     """Fate's prefetch count in decode: how many INT4 experts the link moves during one layer (>= 1)."""
     return max(1, math.floor(decode_layer_s / int4_transfer_s))
+
+
+def decode_prefetch_count(costs: CostModel) -> int:
+    """Fate's n on `costs`' model and hardware: INT4 experts the link moves during one decode layer (>= 1),
+    what an engine passes to `OffloadController(decode_prefetch_count=...)`."""
+    return fate_decode_count(costs.decode_layer_s("int4"), costs.transfer_s(costs.spec.expert_bytes("int4")))

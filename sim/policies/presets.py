@@ -48,6 +48,9 @@ class PolicyConfig:
     """lowbit miss handling: precision of on-demand loads."""
     cancel_stale: bool = True
     """Cancel prefetches still queued when their layer routes elsewhere."""
+    serial_loads: bool = False
+    """On-demand loads of a layer step do not overlap compute: each starts once the expert computed before it
+    in the step has finished (a serial load-compute loop, as in simple offloading baselines)."""
     description: str = ""
     source: str = ""
 
@@ -60,9 +63,12 @@ class PolicyConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "allocation": ALLOCATIONS, "eviction": EVICTIONS, "prediction": PREDICTIONS, "prefetch": PREFETCHES,
     "precision": PRECISION_POLICIES, "miss": MISSES, "miss_precision": tuple(p for p in PRECISIONS if p != "bf16"),
-    "cancel_stale": ("true", "false"),
+    "cancel_stale": ("true", "false"), "serial_loads": ("true", "false"),
 }
 """Valid values of each string-valued key."""
+
+BOOLEAN_KEYS = ("cancel_stale", "serial_loads")
+"""Keys whose values are "true" or "false"."""
 
 RANGES: dict[str, tuple[float, float]] = {
     "int2_rate": (0.0, 1.0), "confidence": (0.0, 1.0), "lookahead": (1, 8), "prefetch_count": (0, 1024),
@@ -108,6 +114,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         miss_precision="int2",
         description="LFU cache of bf16 experts; misses load a low-bit copy instead of waiting for bf16",
         source="HOBBIT, Tang et al., arXiv 2411.01433"),
+    "speculate-stream": dict(
+        allocation="uniform", eviction="none", prediction="speculative", prefetch="all", precision="bf16",
+        miss="speculated",
+        description="no cache: each layer's guessed experts stream in ahead of it and are dropped after it; "
+                    "a miss runs a guessed expert instead",
+        source="the streaming engine of Speculating Experts, arXiv 2603.19289"),
     "oracle": dict(
         allocation="uniform", eviction="belady", prediction="oracle", prefetch="all", precision="bf16", miss="wait",
         description="perfect knowledge: Belady eviction and prefetch of exactly the experts to come (a bound)",
@@ -118,10 +130,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def _parse_value(key: str, text: Any, default: Any) -> Any:
     if key in CHOICES:
-        value = str(text).strip().lower() if key == "cancel_stale" else str(text).strip()
+        value = str(text).strip().lower() if key in BOOLEAN_KEYS else str(text).strip()
         if value not in CHOICES[key]:
             raise UserError(f"--set {key}={text}: not a valid value; choose one of {', '.join(CHOICES[key])}")
-        return value == "true" if key == "cancel_stale" else value
+        return value == "true" if key in BOOLEAN_KEYS else value
     low, high = RANGES[key]
     kind = type(default)
     try:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sim.hardware import load_profile
 from sim.modelspec import get_model_spec
 from sim.policies.controller import CANCELLED, DONE, OffloadController
 from sim.policies.prediction import Signals
 from sim.policies.presets import build_policy
 
 SPEC = get_model_spec("qwen1.5-moe-a2.7b")  # 24 layers, 60 experts, top-4
-HW = load_profile("rtx3090-pcie3")
 BF16 = SPEC.expert_bytes("bf16")
 
 
@@ -24,7 +22,7 @@ def _ctl(policy: str, slots_per_layer: int, guess: int | None = None, **override
 
     config = build_policy(policy, overrides)
     pop = np.arange(SPEC.num_experts, dtype=float)[None, :].repeat(SPEC.num_moe_layers, axis=0)
-    return OffloadController(SPEC, config, slots_per_layer * SPEC.num_moe_layers * BF16, hw=HW,
+    return OffloadController(SPEC, config, slots_per_layer * SPEC.num_moe_layers * BF16, decode_prefetch_count=1,
                              popularity=pop, score_fn=score_fn if guess is not None else None)
 
 
@@ -135,3 +133,78 @@ def test_slots_are_never_oversubscribed_under_random_completion_order(policy: st
         in_flight = []
     assert ctl.peak_slots * ctl.slot_bytes <= ctl.expert_budget_bytes
     assert all(t.state == DONE for c in ctl.caches for t in c.resident.values())
+
+
+def test_a_load_that_takes_a_queued_copys_slot_cancels_it() -> None:
+    """A stale prefetch kept queued (cancel_stale=false) is the only victim left: the load cancels it (no byte
+    of it moves) and does not wait for it; one that has started is waited for instead."""
+    for started in (False, True):
+        ctl = _ctl("lru", 4, guess=9, prediction="learned", prefetch="topk", prefetch_count="1", cancel_stale="false")
+        ctl.start_forward(0, "decode", 1)
+        _done(ctl, ctl.on_route(1, np.array([1, 2, 3]), np.ones(3, dtype=np.int64)).loads)
+        [prefetch] = ctl.on_gate_input(0, Signals(0, "decode", 1))  # the 4th slot of layer 1
+        if started:
+            ctl.on_transfer_started(prefetch)
+        ctl.start_forward(1, "decode", 1)
+        ctl.on_gate_input(0, Signals(1, "decode", 1))  # 9 is resident (in flight): nothing new
+        plan = ctl.on_route(1, np.array([1, 2, 3, 4]), np.ones(4, dtype=np.int64))  # 9 stale, kept; 4 needs its slot
+        [load] = plan.loads
+        assert plan.evictions == [9] and load.slot == prefetch.slot
+        if started:
+            assert plan.cancelled == [] and load.after_transfer is prefetch and prefetch.state == "started"
+        else:
+            assert plan.cancelled == [prefetch] and prefetch.state == CANCELLED and load.after_transfer is None
+            assert ctl.stats["prefetches_cancelled"] == 1
+
+
+def test_no_reuse_keeps_a_landed_prefetch_for_its_own_layer_step() -> None:
+    """eviction=none with a prefetcher: the layer drops what it held before, but not the expert fetched for
+    this very step (it hits); the next step drops it."""
+    ctl = _ctl("lod", 4, guess=9, prediction="learned", prefetch="topk", prefetch_count="1")
+    ctl.start_forward(0, "decode", 1)
+    _done(ctl, ctl.on_route(1, np.array([1, 2]), np.ones(2, dtype=np.int64)).loads)  # landed, from before
+    ctl.start_forward(1, "decode", 1)
+    [prefetch] = ctl.on_gate_input(0, Signals(1, "decode", 1))
+    _done(ctl, [prefetch])
+    plan = ctl.on_route(1, np.array([2, 9]), np.ones(2, dtype=np.int64))
+    assert plan.hits == [9] and [t.expert for t in plan.loads] == [2]  # 2 was dropped, 9 kept
+    _done(ctl, plan.loads)
+    ctl.start_forward(2, "decode", 1)
+    plan = ctl.on_route(1, np.array([2, 9]), np.ones(2, dtype=np.int64))  # nothing picked for step 2
+    assert plan.hits == [] and len(plan.loads) == 2
+
+
+def test_speculate_stream_streams_guesses_without_a_cache() -> None:
+    ctl = _ctl("speculate-stream", 8)
+    assert (ctl.policy.eviction, ctl.policy.prefetch, ctl.policy.miss) == ("none", "all", "speculated")
+    probs = np.zeros((1, 1, SPEC.num_experts), dtype=np.float32)
+    probs[0, 0, [3, 5, 7, 11]] = [0.4, 0.3, 0.2, 0.1]
+    ctl.start_forward(0, "decode", 1)
+    picks = ctl.on_gate_input(0, Signals(0, "decode", 1, probs))
+    assert [t.expert for t in picks] == [3, 5, 7, 11]
+    _done(ctl, picks)
+    plan = ctl.on_route(1, np.array([3, 5, 7, 40]), np.ones(4, dtype=np.int64))
+    assert plan.hits == [3, 5, 7] and plan.substitutions == [(40, 11)] and plan.loads == []
+
+
+def test_a_demand_load_prefers_a_landed_victim_to_a_copy_in_flight() -> None:
+    """LRU order would evict the stale prefetch still copying (least recently inserted), but a landed expert
+    goes first: the load need not wait for the copy."""
+    ctl = _ctl("lru", 4, guess=9, prediction="learned", prefetch="topk", prefetch_count="1", cancel_stale="false")
+    ctl.start_forward(0, "decode", 1)
+    [prefetch] = ctl.on_gate_input(0, Signals(0, "decode", 1))  # 9 into layer 1, the least recent
+    ctl.on_transfer_started(prefetch)
+    _done(ctl, ctl.on_route(1, np.array([1, 2, 3]), np.ones(3, dtype=np.int64)).loads)
+    ctl.start_forward(1, "decode", 1)
+    plan = ctl.on_route(1, np.array([2, 3, 4]), np.ones(3, dtype=np.int64))
+    assert plan.evictions == [1] and plan.loads[0].after_transfer is None
+
+
+def test_experts_whose_probability_underflowed_to_zero_are_never_prefetched() -> None:
+    """A sharp router: two experts share all the mass, the others' probabilities are exactly 0. topk 3
+    prefetches the two (a zero score is no prediction)."""
+    ctl = _ctl("mixtral-offloading", 8, prefetch_count="3")
+    probs = np.zeros((1, 1, SPEC.num_experts), dtype=np.float32)
+    probs[0, 0, [7, 3]] = [0.75, 0.25]
+    ctl.start_forward(0, "decode", 1)
+    assert [t.expert for t in ctl.on_gate_input(0, Signals(0, "decode", 1, probs))] == [7, 3]

@@ -81,7 +81,7 @@ def test_eap_predicts_the_most_similar_earlier_path() -> None:
 
 
 def test_oracle_and_learned_predictors() -> None:
-    future = FutureAccess([[(np.array([0]), np.array([1])), (np.array([1, 3]), np.array([1, 4]))]], num_layers=2)
+    future = FutureAccess.from_routes([[(np.array([0]), np.array([1])), (np.array([1, 3]), np.array([1, 4]))]], num_layers=2)
     oracle = make_predictor("oracle", num_layers=2, num_experts=4, top_k=2, depth=1, eap_history=8, future=future)
     assert oracle.predict(0, Signals(0, "prefill", 5))[0].experts == (3, 1)
     learned = make_predictor("learned", num_layers=2, num_experts=4, top_k=2, depth=1, eap_history=8,

@@ -55,7 +55,7 @@ def test_belady_sequence() -> None:
 def test_future_access_next_use() -> None:
     routes = [[(np.array([0, 2]), np.array([1, 1]))], [(np.array([1]), np.array([1]))],
               [(np.array([2]), np.array([3]))]]
-    future = FutureAccess(routes, num_layers=1)
+    future = FutureAccess.from_routes(routes, num_layers=1)
     assert future.next_use(0, 2, 0) == 0
     assert future.next_use(0, 2, 1) == 2
     assert future.next_use(0, 0, 1) == NEVER
