@@ -13,8 +13,10 @@ from realrun.device import HOST, HostDevice, HostEvent, PendingTimes
 from realrun.engine import OffloadEngine, moe_blocks, spec_of
 from realrun.fake_device import FakeDevice
 from realrun.runner import build_store, expert_budget, greedy_generate, popularity_counts, storage_precisions
+from sim.costs import CostModel
 from sim.hardware import load_profile
 from sim.policies.controller import OffloadController, Transfer
+from sim.policies.prefetch import decode_prefetch_count
 from sim.policies.presets import build_policy
 from sim.units import parse_budget
 from tests.realrun.conftest import NEW_TOKENS, PROMPTS, fresh
@@ -127,7 +129,8 @@ def open_engine(references, arch: str, preset: str, overrides: dict, dev, *, bud
     popularity = (popularity_counts(model, PROMPTS.token_ids, CPU, spec.num_moe_layers, spec.num_experts)
                   if policy.allocation == "popularity" else None)
     slow, layouts = build_store(spec, moe_blocks(model), storage_precisions(policy), "ram", CPU)
-    ctl = OffloadController(spec, policy, experts, hw=load_profile("rtx3090-pcie3"), popularity=popularity)
+    count = decode_prefetch_count(CostModel(spec, load_profile("rtx3090-pcie3")))
+    ctl = OffloadController(spec, policy, experts, popularity=popularity, decode_prefetch_count=count)
     if spy is not None:
         spy(ctl)
     return OffloadEngine(model, spec, ctl, slow, layouts, CPU, lookahead=policy.lookahead, dev=dev)
