@@ -37,7 +37,7 @@ trace: $(TRACES)/mini-qwen-moe.safetensors $(TRACES)/mini-deepseek-moe.safetenso
 # routed experts fit, with the routing of the embedded mini-qwen-moe model.
 demo: $(TRACES)/mini-qwen-moe.safetensors
 	$(FATESIM) trace info $<
-	$(FATESIM) compare --trace $< --as-model qwen1.5-moe-a2.7b --hw rtx3090-pcie3 --memory-budget 25% \
+	$(FATESIM) compare --trace $< --as-model qwen1.5-moe-a2.7b --hw rtx3090-bound --memory-budget 25% \
 		--policies lod,lru,eap,fate,oracle,oracle:precision=fate-hybrid
 
 bench: $(STAMP)

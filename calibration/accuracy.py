@@ -138,7 +138,7 @@ class Variant:
 
         budget = parse_budget(self.budget, self.spec) - self.spec.resident_bytes(0)
         self.controller = OffloadController(self.spec, build_policy("speculate"), budget,
-                                            hw=load_profile("rtx3090-pcie3"))
+                                            hw=load_profile("rtx3090-bound"))
 
     def begin_forward(self, num_tokens: int) -> None:
         if self.controller is not None:

@@ -1,6 +1,6 @@
 """`fatesim compare`: one trace under several policies, one comparison table (what `make demo` prints).
 
-    fatesim compare --trace mini.safetensors --as-model qwen1.5-moe-a2.7b --hw rtx3090-pcie3 \\
+    fatesim compare --trace mini.safetensors --as-model qwen1.5-moe-a2.7b --hw rtx3090-bound \\
         --memory-budget 25% --policies lod,lru,eap,fate,oracle
 
 Every policy replays the same loaded trace (`replay_many`); speedups are over the first policy listed.
@@ -25,7 +25,7 @@ def parse_policy_entry(entry: str) -> tuple[str, dict[str, str]]:
     return name.strip(), parse_overrides(settings)
 
 
-def compare(trace: Any, policies: list[str], *, hw: str = "rtx3090-pcie3", memory_budget: str = "25%",
+def compare(trace: Any, policies: list[str], *, hw: str = "rtx3090-bound", memory_budget: str = "25%",
             as_model: str | None = None) -> list[dict[str, Any]]:
     """The metrics of `trace` under each of `policies` (same hardware, budget and shapes).
 
@@ -67,7 +67,7 @@ def format_comparison(results: list[dict[str, Any]]) -> str:
 @click.option("--trace", "trace_path", required=True, type=click.Path(dir_okay=False), help="Trace file.")
 @click.option("--policies", default="lod,lru,eap,fate,oracle", show_default=True,
               help="Comma-separated presets, each optionally with :key=value overrides; speedups are over the first.")
-@click.option("--hw", default="rtx3090-pcie3", show_default=True, help="Hardware profile name or .toml path.")
+@click.option("--hw", default="rtx3090-bound", show_default=True, help="Hardware profile name or .toml path.")
 @click.option("--memory-budget", default="25%", show_default=True, help="Total fast memory (6GiB, 512MB or 25%).")
 @click.option("--as-model", default=None, help="Replay with this model's shapes (same layers, experts, top-k).")
 @click.option("--json", "as_json", is_flag=True, help="Print the list of metrics JSON objects instead.")

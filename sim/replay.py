@@ -1,6 +1,6 @@
 """`replay`: a trace under a policy, a memory budget and a machine -> the DESIGN §7 metrics JSON.
 
-    result = replay("mini.safetensors", policy="fate", hw="rtx3090-pcie3", memory_budget="25%")
+    result = replay("mini.safetensors", policy="fate", hw="rtx3090-bound", memory_budget="25%")
 
 `replay_many` runs many configurations on one loaded trace, sharing the parsed trace, its forward steps,
 the future-access index and the content hash (what a sweep needs).
@@ -60,7 +60,7 @@ def resolve_spec(trace: Trace, as_model: str | None) -> ModelSpec:
 
 
 def replay(trace: Trace | str | os.PathLike[str] | LoadedTrace, policy: str | PolicyConfig = "fate",
-           hw: str | Path | HardwareProfile = "rtx3090-pcie3", memory_budget: str | int = "25%",
+           hw: str | Path | HardwareProfile = "rtx3090-bound", memory_budget: str | int = "25%",
            as_model: str | None = None, overrides: dict[str, Any] | None = None,
            timeline: str | Path | None = None, *, mode: str = "fast",
            score_fn: Callable[[int, Any], np.ndarray] | None = None) -> dict[str, Any]:

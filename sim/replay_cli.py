@@ -13,7 +13,7 @@ from sim.units import format_bytes
 @click.option("--trace", "trace_path", required=True, type=click.Path(dir_okay=False),
               help="Trace file (.safetensors, format v1).")
 @click.option("--policy", default="fate", show_default=True, help="Policy preset; `fatesim policies` lists them.")
-@click.option("--hw", default="rtx3090-pcie3", show_default=True,
+@click.option("--hw", default="rtx3090-bound", show_default=True,
               help="Hardware profile name or .toml path; `fatesim profiles` lists them.")
 @click.option("--memory-budget", default="25%", show_default=True,
               help="Total fast memory: bytes with a unit (6GiB, 512MB) or a percentage of the routed-expert bytes "

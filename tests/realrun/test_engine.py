@@ -40,7 +40,7 @@ def _run(references, arch, preset, overrides=None, budget="50%", store="disk", *
     result, gen = run_offloaded(fresh(references, arch), PROMPTS, model_name=f"tiny-{arch}",
                                 policy=build_policy(preset, overrides), memory_budget=budget, device=CPU,
                                 store=store, max_new_tokens=NEW_TOKENS, keep_logits=True,
-                                engine_hook=engines.append, profile="rtx3090-pcie3", **kw)
+                                engine_hook=engines.append, profile="rtx3090-bound", **kw)
     return result, gen, engines[0]
 
 
@@ -122,7 +122,7 @@ def test_io_failure_stops_the_run_and_the_thread(references) -> None:
     with pytest.raises(RuntimeError, match="injected disk failure"):
         run_offloaded(fresh(references, "qwen2_moe"), PROMPTS, model_name="tiny", policy=build_policy("lod"),
                       memory_budget="50%", device=CPU, store="disk", max_new_tokens=NEW_TOKENS,
-                      engine_hook=inject, profile="rtx3090-pcie3")
+                      engine_hook=inject, profile="rtx3090-bound")
     assert not seen[0].loader.alive
     assert "realrun-io" not in [t.name for t in threading.enumerate()]
 
@@ -145,7 +145,7 @@ def test_keyboard_interrupt_mid_run_joins_the_io_thread(references) -> None:
     with pytest.raises(KeyboardInterrupt):
         run_offloaded(fresh(references, "qwen2_moe"), PROMPTS, model_name="tiny", policy=build_policy("fate"),
                       memory_budget="50%", device=CPU, store="disk", max_new_tokens=NEW_TOKENS,
-                      engine_hook=inject, profile="rtx3090-pcie3")
+                      engine_hook=inject, profile="rtx3090-bound")
     assert not seen[0].loader.alive
 
 
@@ -164,7 +164,7 @@ def test_metrics_keys_timeline_and_trace_of_the_run(references, tmp_path: Path) 
     assert any(e["ph"] == "X" and e["tid"] == 10 for e in events)
     trace = read_trace(trace_path)
     assert result["trace_hash"] == trace.content_hash()
-    simulated = replay(trace, policy=build_policy("fate", {"precision": "bf16"}), hw="rtx3090-pcie3",
+    simulated = replay(trace, policy=build_policy("fate", {"precision": "bf16"}), hw="rtx3090-bound",
                        memory_budget="50%")
     assert set(simulated) == set(result) - {"generated", "io"}  # realrun and replay emit the same keys
     io = result["io"]
@@ -196,7 +196,7 @@ def test_engine_memory_is_freed_without_waiting_for_the_garbage_collector(refere
     try:
         run_offloaded(fresh(references, "qwen2_moe"), PROMPTS, model_name="tiny", policy=build_policy("lru"),
                       memory_budget="50%", device=CPU, store="ram", max_new_tokens=2,
-                      engine_hook=lambda engine: refs.append(weakref.ref(engine)), profile="rtx3090-pcie3")
+                      engine_hook=lambda engine: refs.append(weakref.ref(engine)), profile="rtx3090-bound")
         assert refs[0]() is None
     finally:
         gc.enable()

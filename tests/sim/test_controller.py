@@ -12,7 +12,7 @@ from sim.policies.prediction import Signals
 from sim.policies.presets import build_policy
 
 SPEC = get_model_spec("qwen1.5-moe-a2.7b")  # 24 layers, 60 experts, top-4
-HW = load_profile("rtx3090-pcie3")
+HW = load_profile("rtx3090-bound")
 BF16 = SPEC.expert_bytes("bf16")
 
 

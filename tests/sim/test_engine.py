@@ -151,7 +151,7 @@ def test_presorted_lookahead_rankings_match_sorting_each_time(small_synthetic, p
     from sim.policies.controller import OffloadController
 
     spec = resolve_spec(small_synthetic.trace, None)
-    hw = load_profile("rtx3090-pcie3")
+    hw = load_profile("rtx3090-bound")
     results = []
     for presorted in (True, False):
         workload = small_synthetic.workload

@@ -44,7 +44,7 @@ def small():
 def _run(loaded, policy: str, budget: str, *, reference: bool):
     workload = loaded.workload
     spec = resolve_spec(loaded.trace, None)
-    hw = load_profile("rtx3090-pcie3")
+    hw = load_profile("rtx3090-bound")
     expert_budget = parse_budget(budget, spec, kv_tokens=workload.max_context) - spec.resident_bytes(
         workload.max_context)
     ctl = OffloadController(spec, build_policy(policy), expert_budget, hw=hw, future=workload.future,
