@@ -173,8 +173,8 @@ def figure_value(fig: PaperFigure, grid: Grid, engine: str, accuracy: dict[str, 
         if spans:
             out["variants"] = (min([best, *spans]), max([best, *spans]))
         return out
-    if fig.key in accuracy:
-        return {"value": accuracy[fig.key], "at": accuracy.get(fig.key + "_at", "")}
+    if fig.key.startswith("prefetch_accuracy"):
+        return {"value": accuracy.get(fig.key), "at": accuracy.get(fig.key + "_at", "")}
     if fig.key == "fate_hit_rate":  # the source names no machine or model: the first machine, Qwen
         machine, model_short, policy, key = "rtx3090", "qwen", "fate", "hit_rate"
     else:  # "<machine>_<model>_<policy>_<phase>"

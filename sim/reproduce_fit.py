@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import math
 import platform
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
@@ -57,9 +56,18 @@ def _value(traces: dict[str, LoadedTrace], hw: HardwareProfile, key: str) -> flo
     return getattr(run, metric)
 
 
-def _solve(residual: Callable[[np.ndarray], np.ndarray], x0: np.ndarray) -> np.ndarray:
-    result = least_squares(residual, x0, method="lm", diff_step=1e-4, xtol=1e-12, ftol=1e-12)
-    return result.x
+def fit_log_parameters(values: Callable[[np.ndarray], np.ndarray], targets: Sequence[float],
+                       start: Sequence[float]) -> np.ndarray:
+    """Positive parameters p with values(p) = targets, by least squares on log(values / targets) over log p
+    (Levenberg-Marquardt, finite differences), from `start`."""
+    goal = np.log(np.asarray(targets, dtype=float))
+
+    def residual(x: np.ndarray) -> np.ndarray:
+        return np.log(values(np.exp(x))) - goal
+
+    result = least_squares(residual, np.log(np.asarray(start, dtype=float)), method="lm", diff_step=1e-4,
+                           xtol=1e-12, ftol=1e-12)
+    return np.exp(result.x)
 
 
 def _eager(base: HardwareProfile, name: str, per_layer_s: float, per_expert_s: float, description: str,
@@ -78,15 +86,11 @@ def fit_hf_eager(traces: dict[str, LoadedTrace], stamp: str) -> tuple[list[Hardw
     base3090 = load_profile("rtx3090-bound")
     k3090 = ("rtx3090_qwen_fate_decode", "rtx3090_deepseek_fate_prefill")
 
-    def make3090(x: np.ndarray) -> HardwareProfile:
-        layer, expert = np.exp(x)
-        return _eager(base3090, "rtx3090-hf-eager", layer, expert, "", "")
+    def values3090(p: np.ndarray) -> np.ndarray:
+        hw = _eager(base3090, "rtx3090-hf-eager", float(p[0]), float(p[1]), "", "")
+        return np.array([_value(traces, hw, k) for k in k3090])
 
-    def res3090(x: np.ndarray) -> np.ndarray:
-        hw = make3090(x)
-        return np.array([math.log(_value(traces, hw, k) / TARGETS[k].value) for k in k3090])
-
-    layer, expert = np.exp(_solve(res3090, np.log([1e-3, 2e-4])))
+    layer, expert = fit_log_parameters(values3090, [TARGETS[k].value for k in k3090], [1e-3, 2e-4])
     rtx = _eager(base3090, "rtx3090-hf-eager", float(layer), float(expert),
                  "Hugging Face eager engine as the Fate paper measured it (arXiv 2502.12224): RTX 3090 24 GB on "
                  "PCIe 3.0 x16, rtx3090-bound's roofline and link plus fitted per-layer and per-expert software costs",
@@ -96,15 +100,11 @@ def fit_hf_eager(traces: dict[str, LoadedTrace], stamp: str) -> tuple[list[Hardw
     base1080 = load_profile("gtx1080ti-bound")
     k1080 = ("gtx1080ti_qwen_fate_decode", "gtx1080ti_deepseek_lod_prefill")
 
-    def make1080(x: np.ndarray) -> HardwareProfile:
-        scale, bandwidth = np.exp(x)
-        return _eager(base1080, "gtx1080ti-hf-eager", scale * layer, scale * expert, "", "", float(bandwidth))
+    def values1080(p: np.ndarray) -> np.ndarray:
+        hw = _eager(base1080, "gtx1080ti-hf-eager", p[0] * layer, p[0] * expert, "", "", float(p[1]))
+        return np.array([_value(traces, hw, k) for k in k1080])
 
-    def res1080(x: np.ndarray) -> np.ndarray:
-        hw = make1080(x)
-        return np.array([math.log(_value(traces, hw, k) / TARGETS[k].value) for k in k1080])
-
-    scale, bandwidth = np.exp(_solve(res1080, np.log([2.0, 6e9])))
+    scale, bandwidth = fit_log_parameters(values1080, [TARGETS[k].value for k in k1080], [2.0, 6e9])
     gtx = _eager(base1080, "gtx1080ti-hf-eager", float(scale * layer), float(scale * expert),
                  "Hugging Face eager engine as the Fate paper measured it (arXiv 2502.12224): GTX 1080 Ti 11 GB, "
                  f"gtx1080ti-bound's roofline plus the RTX 3090's fitted software costs x {scale:.3g} and a fitted link",
