@@ -148,6 +148,20 @@ def fate_accounting(spec: ModelSpec, budget_bytes: int, *, max_position_embeddin
     return FateAccounting(budget_bytes, items, available, int4, "offload", cache, tuple(slots[:layers]), full)
 
 
+def fate_budget_for_cache(spec: ModelSpec, cache_slots: int, *, max_position_embeddings: int | None = None) -> float:
+    """The smallest budget (bytes) for which Fate's code caches `cache_slots` INT4 experts: its reserve plus
+    the slots (what a fatesim budget corresponds to in the paper's "N GB")."""
+    probe = fate_accounting(spec, 1 << 50, max_position_embeddings=max_position_embeddings)
+    return probe.reserved_total_bytes + cache_slots * probe.int4_expert_bytes
+
+
+def fatesim_share_in_fate_gib(spec: ModelSpec, share: float) -> float:
+    """fatesim's "share of the routed experts (bf16 bytes)" budget, e.g. 0.25 for `25%`, as Fate's "N GB"
+    (GiB): the same expert bytes filled with Fate's INT4 experts, plus the code's reserve."""
+    slots = int(share * spec.routed_expert_bytes_total("bf16")) // spec.expert_bytes("int4")
+    return fate_budget_for_cache(spec, slots) / GIB
+
+
 def policy_slot_bytes(spec: ModelSpec, policy: PolicyConfig) -> int:
     """Bytes of one of the controller's slots under `policy` (the largest precision it loads)."""
     stored = PrecisionPolicy(policy.precision, policy.int2_rate).storage_precisions()

@@ -99,3 +99,45 @@ def test_sim_budget_for_other_policies_is_the_available_bytes_floored_at_top_k()
     assert roomy.expert_budget_bytes == int(roomy.accounting.available_bytes) and not roomy.adjusted
     tight = sim_expert_budget(QWEN, 6 * GIB, lod)  # 815 MiB < 24 x 4 bf16 experts (1584 MiB)
     assert tight.expert_budget_bytes == 24 * 4 * QWEN.expert_bytes("bf16") and tight.adjusted
+
+
+def test_fatesim_25_percent_is_fate_at_10_to_11_gib() -> None:
+    """25% of Qwen's bf16 routed-expert bytes (6,228,541,440) = 1152 INT4 slots of 5,406,720 bytes -> 5328.95 +
+    1152 x 5.15625 MiB = 11.0 GiB;
+    DeepSeek: 1382 slots -> 3421.48 + 1382 x 5.15625 MiB = 10.3 GiB."""
+    from sim.accounting import fate_budget_for_cache, fatesim_share_in_fate_gib
+
+    assert fatesim_share_in_fate_gib(QWEN, 0.25) == pytest.approx((5328.95 + 1152 * 5.15625) / 1024, abs=1e-3)
+    assert fatesim_share_in_fate_gib(DEEPSEEK, 0.25) == pytest.approx((3421.48 + 1382 * 5.15625) / 1024, abs=1e-3)
+    assert fate_accounting(QWEN, int(fate_budget_for_cache(QWEN, 952)) + 1).cache_slots == 952
+
+
+def _small_qwen_trace(decode_tokens: int = 8):
+    from sim.synthetic import synthetic_trace
+
+    return synthetic_trace(sequences=1, prompt_tokens=16, decode_tokens=decode_tokens, seed=3)
+
+
+def test_replay_with_fate_accounting_gets_the_codes_cache() -> None:
+    from sim.replay import replay
+
+    trace = _small_qwen_trace()
+    fate = replay(trace, "fate", "rtx3090-bound", 10 * GIB, budget_accounting="fate")
+    assert fate["expert_budget_bytes"] == (4 * 60 + 20 * 35) * QWEN.expert_bytes("int4")
+    assert fate["slots_per_layer"] == [60] * 4 + [35] * 20
+    assert fate["memory_budget_bytes"] == 10 * GIB
+    lod = replay(trace, "lod", "rtx3090-bound", "10GiB", budget_accounting="fate")
+    assert lod["expert_budget_bytes"] == int(fate_accounting(QWEN, 10 * GIB).available_bytes)
+
+
+@pytest.mark.parametrize("budget,decode,message", [
+    ("25%", 8, "takes the paper's budget as a size"),
+    ("10GiB", 1100, "reserves KV cache for 1024 tokens"),
+])
+def test_replay_with_fate_accounting_refuses_what_the_code_cannot_size(budget: str, decode: int, message: str) -> None:
+    from sim.replay import replay
+
+    with pytest.raises(UserError, match=message):
+        replay(_small_qwen_trace(decode), "fate", "rtx3090-bound", budget, budget_accounting="fate")
+    with pytest.raises(UserError, match="must be fatesim or fate"):
+        replay(_small_qwen_trace(), "fate", "rtx3090-bound", budget, budget_accounting="paper")
