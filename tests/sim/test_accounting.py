@@ -8,6 +8,7 @@ Hand computation (MiB, as the code works; Qwen1.5-MoE-A2.7B: H 2048, V 151936, 2
   INT4 expert = 16.5 / 4 + 3 x 0.34375 = 5.15625 MiB.
   10 GiB: (10240 - 5328.95) / 5.15625 = 952.4 -> 952 slots; 952 // 60 = 15 >= 4 -> 4 full layers,
           (952 - 240) // 20 = 35 per deeper layer.
+  12 GiB: 6959.05 / 5.15625 = 1349.6 -> 1349; (1349 - 240) // 20 = 55.
    6 GiB: 815.05 / 5.15625 = 158.07 -> 158 slots; 158 // 60 = 2 -> layers 0, 1 full, layer 2 gets 38, rest 0.
   16 GiB: 11055.05 MiB > 24 x 60 x 5.15625 = 7425 -> everything resident in INT4 (no offload).
 DeepSeekMoE-16B (28 layers, 27 MoE, 64 experts, 2 shared of 1408, dense 10944, V 102400, max positions 4096):
@@ -51,6 +52,7 @@ def test_metadata_reserve_is_1_36_gib_for_qwen() -> None:
 @pytest.mark.parametrize("spec,gib,cache,full,slots", [
     (QWEN, 10, 952, 4, (60,) * 4 + (35,) * 20),
     (QWEN, 6, 158, 2, (60, 60, 38) + (0,) * 21),
+    (QWEN, 12, 1349, 4, (60,) * 4 + (55,) * 20),  # 6959.05 / 5.15625 = 1349.6: the code floors
     (DEEPSEEK, 10, 1322, 4, (64,) * 4 + (46,) * 23),
     (DEEPSEEK, 6, 528, 4, (64,) * 4 + (11,) * 23),
 ])

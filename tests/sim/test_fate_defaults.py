@@ -54,3 +54,15 @@ def test_prefill_misses_load_int4_while_prefetches_stay_hybrid() -> None:
     plan = ctl.on_route(deep, [1, 2, 3, 4, 5], [90, 5, 2, 2, 1])
     assert [t.precision for t in plan.loads] == ["int4"] * 5
     assert ctl.precision.assign("prefill", [1, 2, 3, 4, 5], [90, 5, 2, 2, 1]).count("int2") > 0
+
+
+@pytest.mark.parametrize("as_model,layers,experts,k,rate", [("deepseek-moe-16b", 27, 64, 6, 0.5),
+                                                           ("qwen1.5-moe-a2.7b", 24, 60, 4, 0.3)])
+def test_replay_applies_the_model_default(as_model: str, layers: int, experts: int, k: int, rate: float) -> None:
+    from sim.replay import replay
+    from sim.synthetic import synthetic_trace
+
+    trace = synthetic_trace(num_layers=layers, num_experts=experts, top_k=k, sequences=1, prompt_tokens=8,
+                            decode_tokens=4, seed=2)
+    result = replay(trace, "fate", "rtx3090-bound", "50%", as_model=as_model)
+    assert result["policy_components"]["int2_rate"] == rate
