@@ -39,9 +39,10 @@ PROMPT_TOKENS = 512
 ENGINES = ("hf-eager", "bound")
 """Profile kinds: `<machine>-hf-eager` (the grid) and `<machine>-bound` (the efficient-engine bound)."""
 
-SERIAL_LOD_OVERRIDES = {"demand_overlap": "false"}
-"""Load-on-demand with serial copies (each load starts after the previous expert computed): a controller
-option of the kernel rewrite. Until `build_policy` accepts this key the variant is reported as unavailable."""
+SERIAL_LOD_OVERRIDES = {"serial_loads": "true"}
+"""Load-on-demand with serial copies (each load starts after the previous expert of the step computed): the
+controller option `serial_loads` of the kernel rewrite. Until `build_policy` accepts the key the variant is
+reported as not run."""
 
 VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "lod": ("lod", {}),

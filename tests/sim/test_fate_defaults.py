@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from sim.hardware import load_profile
 from sim.modelspec import get_model_spec
 from sim.policies.allocation import allocate
-from sim.policies.controller import OffloadController
 from sim.policies.presets import build_policy, model_family
 
 
@@ -43,17 +41,18 @@ def test_shallow_layers_falls_back_to_as_many_as_fit() -> None:
 
 
 def test_prefill_misses_load_int4_while_prefetches_stay_hybrid() -> None:
-    """A prefill miss under fate is an INT4 load (the code's `load_weights()` at quan_bit 4), even for an
-    expert the hybrid policy would send as INT2; the slot stays INT4-sized."""
+    """Under fate every on-demand load is INT4 (the code's `load_weights()` at quan_bit 4): the on-demand
+    bytes are a whole number of INT4 experts; with `miss=wait` prefill misses follow the INT4/INT2 hybrid and
+    are not (the check can fail)."""
+    from sim.replay import replay
+    from sim.synthetic import synthetic_trace
+
     spec = get_model_spec("qwen1.5-moe-a2.7b")
-    fate = build_policy("fate")
-    ctl = OffloadController(spec, fate, 2000 * spec.expert_bytes("int4"), hw=load_profile("rtx3090-bound"))
-    assert ctl.slot_bytes == spec.expert_bytes("int4")
-    ctl.start_forward(0, "prefill", 100)
-    deep = 10  # a layer that is not fully cached (nothing resident yet)
-    plan = ctl.on_route(deep, [1, 2, 3, 4, 5], [90, 5, 2, 2, 1])
-    assert [t.precision for t in plan.loads] == ["int4"] * 5
-    assert ctl.precision.assign("prefill", [1, 2, 3, 4, 5], [90, 5, 2, 2, 1]).count("int2") > 0
+    trace = synthetic_trace(sequences=2, prompt_tokens=64, decode_tokens=4, seed=5)
+    fate = replay(trace, "fate", "rtx3090-bound", "10%")["bytes_transferred"]["on_demand"]
+    hybrid = replay(trace, "fate", "rtx3090-bound", "10%", overrides={"miss": "wait"})["bytes_transferred"]["on_demand"]
+    assert fate > 0 and fate % spec.expert_bytes("int4") == 0
+    assert hybrid % spec.expert_bytes("int4") != 0
 
 
 @pytest.mark.parametrize("as_model,layers,experts,k,rate", [("deepseek-moe-16b", 27, 64, 6, 0.5),
