@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,16 +87,24 @@ def trace_key(model: str, prompt_tokens: int, num_prompts: int, decode_tokens: i
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Record with one torch thread (as `make trace` does): faster than oversubscribed threads here."""
+def _quiet_one_thread() -> Iterator[None]:
+    """Record with one torch thread (as `make trace` does: faster than oversubscribed threads here) and
+    without transformers' progress bars and warnings (the caller reports progress)."""
     import torch
+    from transformers.utils import logging as hf_logging
 
-    saved = torch.get_num_threads()
+    saved, verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
     torch.set_num_threads(1)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notices, per forward
+            yield
     finally:
         torch.set_num_threads(saved)
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
 
 
 def paper_trace(paper_model: str, prompt_tokens: int, *, num_prompts: int = 4, decode_tokens: int = 32,
@@ -125,12 +134,13 @@ def paper_trace(paper_model: str, prompt_tokens: int, *, num_prompts: int = 4, d
                  f"-> {out}")
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
-    prompts = exact_prompts(tokenizer, prompt_tokens, num_prompts, "\n".join(load_prompts(DEFAULT_PROMPTS)))
+    with _quiet_one_thread():
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+        prompts = exact_prompts(tokenizer, prompt_tokens, num_prompts, "\n".join(load_prompts(DEFAULT_PROMPTS)))
     prompt_file = folder / f"prompts-{model}-p{prompt_tokens}x{num_prompts}-{key[:16]}.jsonl"
     with atomic_output(prompt_file) as tmp:
         tmp.write_text("".join(json.dumps({"id": f"window-{n}", "text": p}) + "\n" for n, p in enumerate(prompts)))
-    with _one_thread():
+    with _quiet_one_thread():
         trace = record_trace(model, prompt_file, out, max_new_tokens=decode_tokens, lookahead=LOOKAHEAD,
                              progress=False)
     lengths = {int((trace.seq_ids[trace.is_prefill.astype(bool)] == s).sum()) for s in range(num_prompts)}

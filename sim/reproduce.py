@@ -36,8 +36,6 @@ REFERENCE_GB = {"rtx3090": 24, "gtx1080ti": 11}
 """Where single-value figures are compared: Fate's code's default budget (`--memory_budget 0`: the whole
 device), as the secondary sources do not state one. The span over `BUDGETS_GB` is printed beside."""
 PROMPT_TOKENS = 512
-ENGINES = ("hf-eager", "bound")
-"""Profile kinds: `<machine>-hf-eager` (the grid) and `<machine>-bound` (the efficient-engine bound)."""
 
 SERIAL_LOD_OVERRIDES = {"serial_loads": "true"}
 """Load-on-demand with serial copies (each load starts after the previous expert of the step computed): the
