@@ -125,7 +125,7 @@ def calibrate(*, device: str, store: str, out: str | Path, plots_dir: str | Path
     plan = default_plan(device, store, quick=quick, compute_dtype=TORCH_DTYPES[dtype_name],
                         scratch_dir=Path(scratch_dir) if scratch_dir else None)
 
-    progress = progress_factory(count_steps(plan)) if progress_factory else (lambda _: None)
+    progress = progress_factory(count_steps(plan, spec.num_experts)) if progress_factory else (lambda _: None)
     with torch_threads(threads):
         points = run_all(plan, spec, progress)
         measured_versions = versions()

@@ -7,7 +7,11 @@ The models are the ones `sim.hardware` evaluates:
 - per-token corrections (`sim.hardware.TokenScales`): measured / roofline time at each token count of the
   routed expert (per precision, on realrun's own path), the shared MLP, attention (median over contexts)
   and the vocabulary head;
-- copy contention: compute beside background transfers over compute alone.
+- copy contention: compute beside background transfers over compute alone;
+- engine overheads (`[engine]`): a straight line through the eager dispatch times of one MoE layer against
+  its routed experts, intercept = per MoE layer, slope = per expert (`fit_engine_overheads`); the
+  per-dequantisation cost stays 0, because the measured `expert_<precision>` corrections already time the
+  quantised path with its dequantisation calls (and `sim.costs` charges it only where they are missing).
 
 All fits work on *relative* error: a 64 KiB read takes a thousandth of a 64 MiB one, and an absolute fit
 would let the large sizes decide everything (the latency would come out as noise). Two steps:
@@ -34,7 +38,15 @@ import numpy as np
 from scipy.optimize import least_squares, lsq_linear
 
 from calibration.microbench import Point
-from sim.hardware import CpuModel, DequantModel, HardwareProfile, LinkModel, RooflineModel, TokenScales
+from sim.hardware import (
+    CpuModel,
+    DequantModel,
+    EngineOverheads,
+    HardwareProfile,
+    LinkModel,
+    RooflineModel,
+    TokenScales,
+)
 from traces.errors import UserError
 
 
@@ -234,6 +246,23 @@ def fit_copy_contention(points: Sequence[Point]) -> float:
     return max(1.0, float(np.exp(np.mean(np.log(ratios)))))
 
 
+def fit_engine_overheads(points: Sequence[Point]) -> EngineOverheads:
+    """Per-MoE-layer and per-expert software costs from `dispatch` points (x = routed experts, one token
+    each): least squares on relative error of `t = layer + n * expert`, both >= 0 (zeros when not measured)."""
+    pts = _select(points, "dispatch")
+    if not pts:
+        return EngineOverheads()
+    n = np.array([p.x for p in pts], dtype=float)
+    t = np.array([p.seconds for p in pts], dtype=float)
+    _check("dispatch", n, t)
+    if len(np.unique(n)) < 2:
+        raise UserError("the dispatch fit needs layers with at least two different expert counts")
+    design = np.stack([np.ones_like(n), n], axis=1) / t[:, None]
+    solution = lsq_linear(design, np.ones_like(t), bounds=([0.0, 0.0], [np.inf, np.inf]), method="bvls")
+    layer, expert = (float(v) for v in solution.x)
+    return EngineOverheads(per_expert_s=expert, per_moe_layer_s=layer)
+
+
 def _select(points: Sequence[Point], *kinds: str) -> list[Point]:
     return [p for p in points if p.kind in kinds]
 
@@ -288,6 +317,7 @@ def build_profile(points: Sequence[Point], *, name: str, device_kind: str, memor
             "attention": _select(points, "attention"), "lm_head": _select(points, "lm_head"),
             **{f"expert_{p}": _select(points, f"expert_{p}") for p in ("int8", "int4", "int2")}}),
         cpu_token_scale=token_scales(cpu, {"expert_bf16": cpu_pts}),
+        engine=fit_engine_overheads(points),
     )
     return Calibration(profile=profile, link=link, compute=compute, cpu=cpu, dequant_bytes_per_s=dequant,
                        points=tuple(points))

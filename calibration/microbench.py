@@ -25,6 +25,11 @@ Benchmarks, by `Point.kind`:
 - `lm_head`: the vocabulary head on one position (the logits of a step's last token).
 - `layer`: the fixed per-layer work of one decode token: two RMSNorms, two residual adds, the router's
   softmax and top-k (the router matmul is a roofline op of its own in `sim.costs`).
+- `dispatch`: the engine's software around the routed experts of one MoE layer, for `x` routed experts of
+  one token each, as realrun's eager engine does it (one-hot mask, unique ids read back to the host, per
+  expert: token selection, gather, weighting, scatter-add) with a negligible stand-in for the expert's
+  matmuls; `fit` turns the line through these points into the profile's `[engine]` per-MoE-layer
+  (intercept) and per-expert (slope) costs.
 - `predictor`: the cross-layer predictor's decision for one token: the next layer's router applied to
   the current gate input, softmax, top-k (on the CPU, as realrun runs it).
 
@@ -456,6 +461,40 @@ def bench_layer_overhead(plan: BenchPlan, spec: ModelSpec) -> Point:
     return Point("layer", 1, 0.0, 0.0, median, samples)
 
 
+DISPATCH_EXPERTS = (1, 2, 4, 8, 16)
+"""Routed experts per measured MoE layer (one token each; capped at the model's expert count)."""
+
+
+def bench_dispatch(plan: BenchPlan, spec: ModelSpec) -> Iterator[Point]:
+    """Eager dispatch of `n` routed experts in one MoE layer, the experts' matmuls replaced by a scale.
+
+    The same steps as `realrun.engine.OffloadEngine.run_experts` around `expert_forward` (one-hot expert
+    mask, `torch.unique` read back to the host, per expert `torch.where`, gather, weight, `index_add_`),
+    on `n` tokens routed to `n` distinct experts, so the work per expert is one token's: what is left is the
+    software cost an eager engine pays per MoE layer and per routed expert.
+    """
+    gen = torch.Generator().manual_seed(8)
+    dt, dev, h, e = plan.compute_dtype, plan.device, spec.hidden_size, spec.num_experts
+    for n in (c for c in DISPATCH_EXPERTS if c <= e):
+        hidden = torch.randn(n, h, generator=gen).to(dt).to(dev)
+        top_k_index = torch.arange(n, device=dev).reshape(n, 1)  # token i -> expert i
+        top_k_weights = torch.rand(n, 1, generator=gen).to(dt).to(dev)
+
+        def layer(hidden: torch.Tensor = hidden, top_k_index: torch.Tensor = top_k_index,
+                  top_k_weights: torch.Tensor = top_k_weights) -> torch.Tensor:
+            mask = F.one_hot(top_k_index, num_classes=e + 1).permute(2, 1, 0)
+            ids, _counts = torch.unique(top_k_index, return_counts=True)
+            final = torch.zeros_like(hidden)
+            for expert in ids.cpu().numpy().tolist():
+                top_k_pos, token_idx = torch.where(mask[expert])
+                y = hidden[token_idx] * 0.5  # stands in for the expert's matmuls (timed by `expert`)
+                final.index_add_(0, token_idx, (y * top_k_weights[token_idx, top_k_pos, None]).to(final.dtype))
+            return final
+
+        median, samples = time_op(layer, repeats=max(plan.repeats, 20), min_seconds=plan.min_seconds, device=dev)
+        yield Point("dispatch", n, 0.0, 0.0, median, samples)
+
+
 def bench_predictor(plan: BenchPlan, spec: ModelSpec) -> Point:
     """The cross-layer predictor for one token on the CPU: next layer's router, softmax, top-k."""
     gen = torch.Generator().manual_seed(6)
@@ -531,13 +570,14 @@ def bench_quantised(plan: BenchPlan, spec: ModelSpec, precision: str) -> Iterato
     yield Point(f"dequant_{precision}", bf16_bytes, 0.0, bf16_bytes, max(1e-6, one_token_s - d_s), extra)
 
 
-def count_steps(plan: BenchPlan) -> int:
-    """Number of progress-bar steps `run_all` reports."""
+def count_steps(plan: BenchPlan, num_experts: int = max(DISPATCH_EXPERTS)) -> int:
+    """Number of progress-bar steps `run_all` reports (for a model of `num_experts` routed experts)."""
     compute = len(plan.expert_tokens) * (2 if plan.device == "cuda" else 1)
     quantised = len(plan.dequant_precisions) * (len(plan.expert_tokens) + 1)
     contention = 2 * len(plan.contention_tokens) if plan.device == "cpu" else 0
+    dispatch = sum(1 for c in DISPATCH_EXPERTS if c <= num_experts)
     return (len(plan.link_sizes_bytes) + compute + len(plan.mlp_tokens) + len(plan.attention_points)
-            + quantised + contention + 3)
+            + quantised + contention + dispatch + 3)
 
 
 def run_all(plan: BenchPlan, spec: ModelSpec, progress: Callable[[str], None] = lambda _: None,
@@ -567,6 +607,8 @@ def run_all(plan: BenchPlan, spec: ModelSpec, progress: Callable[[str], None] = 
             add(point)
         add(bench_lm_head(plan, spec))
         add(bench_layer_overhead(plan, spec))
+        for point in bench_dispatch(plan, spec):
+            add(point)
         add(bench_predictor(plan, spec))
         for precision in plan.dequant_precisions:
             for point in bench_quantised(plan, spec, precision):

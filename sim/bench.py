@@ -23,7 +23,7 @@ from sim.synthetic import synthetic_trace
 
 SWEEP_POLICIES = ("lod", "lru", "eap", "fate", "oracle")
 SWEEP_BUDGETS = ("10%", "20%", "30%", "40%", "50%")
-SWEEP_PROFILES = ("rtx3090-pcie3", "gtx1080ti-pcie3", "rtx4090-pcie4", "h100-pcie5")
+SWEEP_PROFILES = ("rtx3090-bound", "gtx1080ti-bound", "rtx4090-bound", "h100-bound")
 
 
 def _timed(fn) -> tuple[float, float, object]:
@@ -53,7 +53,7 @@ def main(decode_tokens: int, sweep_decode_tokens: int, repeat: int) -> None:
         best_wall = best_cpu = float("inf")
         steps = 0
         for _ in range(repeat):
-            wall, cpu, m = _timed(lambda p=policy, md=mode: replay(loaded, policy=p, hw="rtx3090-pcie3",
+            wall, cpu, m = _timed(lambda p=policy, md=mode: replay(loaded, policy=p, hw="rtx3090-bound",
                                                                    memory_budget="25%", mode=md))
             best_wall, best_cpu, steps = min(best_wall, wall), min(best_cpu, cpu), m["layer_steps"]
         click.echo(f"{label:>34}: {steps} layer-steps, {steps / best_wall:,.0f} layer-steps/s wall, "

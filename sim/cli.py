@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "calibrate": ("calibration.cli", "calibrate", "Measure this machine and write a hardware profile."),
     "validate": ("calibration.cli", "validate", "Compare the simulator with realrun on the same runs."),
     "accuracy": ("calibration.cli", "accuracy", "Accuracy cost of the lossy options (INT4, INT2, speculation)."),
+    "reproduce": ("sim.reproduce", "reproduce", "Reproduce a paper's table (fate, speculate, lrc) beside the paper's."),
 }
 
 

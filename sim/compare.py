@@ -1,6 +1,6 @@
 """`fatesim compare`: one trace under several policies, one comparison table (what `make demo` prints).
 
-    fatesim compare --trace mini.safetensors --as-model qwen1.5-moe-a2.7b --hw rtx3090-pcie3 \\
+    fatesim compare --trace mini.safetensors --as-model qwen1.5-moe-a2.7b --hw rtx3090-bound \\
         --memory-budget 25% --policies lod,lru,eap,fate,oracle
 
 Every policy replays the same loaded trace (`replay_many`); speedups are over the first policy listed.
@@ -25,8 +25,8 @@ def parse_policy_entry(entry: str) -> tuple[str, dict[str, str]]:
     return name.strip(), parse_overrides(settings)
 
 
-def compare(trace: Any, policies: list[str], *, hw: str = "rtx3090-pcie3", memory_budget: str = "25%",
-            as_model: str | None = None) -> list[dict[str, Any]]:
+def compare(trace: Any, policies: list[str], *, hw: str = "rtx3090-bound", memory_budget: str = "25%",
+            as_model: str | None = None, budget_accounting: str = "fatesim") -> list[dict[str, Any]]:
     """The metrics of `trace` under each of `policies` (same hardware, budget and shapes).
 
     Each entry is a preset name, optionally followed by `:key=value` overrides as `--set` takes them;
@@ -36,7 +36,8 @@ def compare(trace: Any, policies: list[str], *, hw: str = "rtx3090-pcie3", memor
     configs = []
     for entry in policies:
         name, overrides = parse_policy_entry(entry)
-        configs.append(dict(policy=name, overrides=overrides, hw=hw, memory_budget=memory_budget, as_model=as_model))
+        configs.append(dict(policy=name, overrides=overrides, hw=hw, memory_budget=memory_budget, as_model=as_model,
+                            budget_accounting=budget_accounting))
     results = replay_many(loaded, configs)
     for entry, result in zip(policies, results, strict=True):
         result["policy"] = entry
@@ -67,16 +68,20 @@ def format_comparison(results: list[dict[str, Any]]) -> str:
 @click.option("--trace", "trace_path", required=True, type=click.Path(dir_okay=False), help="Trace file.")
 @click.option("--policies", default="lod,lru,eap,fate,oracle", show_default=True,
               help="Comma-separated presets, each optionally with :key=value overrides; speedups are over the first.")
-@click.option("--hw", default="rtx3090-pcie3", show_default=True, help="Hardware profile name or .toml path.")
+@click.option("--hw", default="rtx3090-bound", show_default=True, help="Hardware profile name or .toml path.")
 @click.option("--memory-budget", default="25%", show_default=True, help="Total fast memory (6GiB, 512MB or 25%).")
 @click.option("--as-model", default=None, help="Replay with this model's shapes (same layers, experts, top-k).")
+@click.option("--budget-accounting", type=click.Choice(["fatesim", "fate"]), default="fatesim", show_default=True,
+              help="How the budget is sized: fatesim's, or Fate's official code's (the paper's '10 GB' is 10GiB).")
 @click.option("--json", "as_json", is_flag=True, help="Print the list of metrics JSON objects instead.")
-def main(trace_path: str, policies: str, hw: str, memory_budget: str, as_model: str | None, as_json: bool) -> None:
+def main(trace_path: str, policies: str, hw: str, memory_budget: str, as_model: str | None, budget_accounting: str,
+         as_json: bool) -> None:
     """Replay one trace under several policies and print one comparison table."""
     names = [p.strip() for p in policies.split(",") if p.strip()]
     if not names:
         raise UserError("--policies is empty; give comma-separated presets such as lod,fate")
-    results = compare(trace_path, names, hw=hw, memory_budget=memory_budget, as_model=as_model)
+    results = compare(trace_path, names, hw=hw, memory_budget=memory_budget, as_model=as_model,
+                      budget_accounting=budget_accounting)
     click.echo(json.dumps(results) if as_json else format_comparison(results))
 
 

@@ -7,6 +7,11 @@ and the analyses all ask here). Compute follows the profile's roofline, per kern
 correction for an operation (`TokenScales`: measured / roofline time per token count), the roofline time
 is multiplied by it; a correction for a quantised precision was measured on that precision's own path and
 replaces the dequantisation term. Results are memoised per (tokens, precision).
+
+The profile's engine overheads (`HardwareProfile.engine`, seconds per operation, 0 for an efficient
+engine) enter here and only here: `per_expert_s` on every routed-expert invocation (GPU or CPU),
+`per_dequant_s` on every run of a quantised expert charged through the dequantisation term, and
+`per_moe_layer_s` once per MoE layer of every forward step (in `attention_s`, the layer's fixed segment).
 """
 
 from __future__ import annotations
@@ -35,24 +40,28 @@ class CostModel:
         """GPU time of one routed expert on `tokens` tokens, stored in `precision`."""
         roofline = self.hw.gpu.op_s(self.spec.expert_flops(tokens), self.expert_bf16_bytes)
         scales = self.hw.gpu_token_scale
+        engine = self.hw.engine
         own = scales.factor(f"expert_{precision}", tokens)
-        if own is not None:
-            return roofline * own
+        if own is not None:  # measured on the precision's own path: dequantisation included
+            return roofline * own + engine.per_expert_s
         dequant = self.hw.dequant.dequant_s(precision, self.expert_bf16_bytes)
-        return roofline * scales.times("expert_bf16", tokens) + dequant
+        if precision != "bf16":
+            dequant += engine.per_dequant_s
+        return roofline * scales.times("expert_bf16", tokens) + dequant + engine.per_expert_s
 
     def _cpu_expert_s(self, tokens: int) -> float:
         """CPU time of one routed expert on `tokens` tokens, reading its bf16 weights from host memory."""
         roofline = self.hw.cpu.compute.op_s(self.spec.expert_flops(tokens), self.expert_bf16_bytes)
-        return roofline * self.hw.cpu_token_scale.times("expert_bf16", tokens)
+        return roofline * self.hw.cpu_token_scale.times("expert_bf16", tokens) + self.hw.engine.per_expert_s
 
     def _transfer_s(self, nbytes: int) -> float:
         """Copy-engine time of one transfer of `nbytes`."""
         return self.hw.link.transfer_s(nbytes)
 
     def attention_s(self, tokens: int, context: int) -> float:
-        """Per MoE layer, before its experts: layer overhead, attention with KV of `context`, router, and the
-        layer's share of the step's work outside the MoE layers.
+        """Per MoE layer, before its experts: layer overhead, the engine's per-MoE-layer software cost,
+        attention with KV of `context`, router, and the layer's share of the step's work outside the MoE
+        layers.
 
         Dense (non-MoE) decoder layers and the vocabulary head (`head_s`) are spread evenly over the MoE
         layers' attention segments: the step's total is exact, their place within the step approximate.
@@ -66,7 +75,8 @@ class CostModel:
             per_dense = (self.hw.layer_overhead_s + attn
                          + gpu.op_s(spec.dense_mlp_flops(tokens), spec.dense_mlp_params * spec.weight_bytes))
             dense = per_dense * spec.num_dense_layers / spec.num_moe_layers
-        return self.hw.layer_overhead_s + attn + router + dense + self._head_share_s
+        return (self.hw.layer_overhead_s + self.hw.engine.per_moe_layer_s + attn + router + dense
+                + self._head_share_s)
 
     def head_s(self) -> float:
         """The vocabulary head once per forward step, on one position: the logits of the step's last token

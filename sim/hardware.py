@@ -2,8 +2,14 @@
 
 A profile is a TOML file (schema in ARCHITECTURE.md): the link that brings experts into fast memory
 (latency + bytes / bandwidth, per copy engine), a roofline model of the device's compute, dequantisation
-throughput, and the CPU (predictor latency, CPU execution of missed experts). A calibrated profile may
-add measured per-token-count corrections to the roofline (`[gpu.token_scale]`, `[cpu.token_scale]`).
+throughput, the CPU (predictor latency, CPU execution of missed experts), and the serving engine's own
+software costs (`[engine]`: seconds per routed-expert invocation, per MoE layer, per dequantisation; 0 for
+an efficient engine). A calibrated profile may add measured per-token-count corrections to the roofline
+(`[gpu.token_scale]`, `[cpu.token_scale]`).
+
+Two kinds of GPU profiles ship: `*-bound` (datasheet roofline, no software overheads: what the hardware
+allows an efficient engine) and `*-hf-eager` (the same hardware plus the per-expert software cost of a
+Hugging Face eager-mode engine, fitted to the Fate paper's measurements by `python -m sim.reproduce fit`).
 Shipped profiles live in `sim/profiles/`; `load_profile` takes a shipped name or a path. Units: seconds,
 bytes, FLOPs. Only this module reads the file, so only it knows the TOML layout.
 """
@@ -125,6 +131,30 @@ class DequantModel:
 
 
 @dataclass(frozen=True)
+class EngineOverheads:
+    """The serving engine's software costs, in seconds, charged on top of the roofline (`sim.costs`).
+
+    An eager-mode engine pays Python dispatch for every routed expert it runs (mask, gather, three
+    kernel launches, scatter-add), for every MoE layer (router top-k read back to the host, bookkeeping)
+    and for every dequantisation call; an engine with fused kernels pays almost none of it. These are
+    per-operation costs, not per byte or FLOP, so they stay separate from the roofline and from the
+    `TokenScales` corrections (which scale with the operation's size).
+    """
+
+    per_expert_s: float = 0.0
+    """Each routed-expert invocation (GPU or CPU), whatever its token count."""
+    per_moe_layer_s: float = 0.0
+    """Each MoE layer of each forward step."""
+    per_dequant_s: float = 0.0
+    """Each run of a quantised expert whose precision has no measured `expert_<precision>` correction
+    (a measured correction already contains its dequantisation)."""
+
+    def to_toml_dict(self) -> dict[str, float]:
+        return {"per_expert_s": self.per_expert_s, "per_moe_layer_s": self.per_moe_layer_s,
+                "per_dequant_s": self.per_dequant_s}
+
+
+@dataclass(frozen=True)
 class CpuModel:
     """The host CPU: the predictor thread and CPU execution of routed experts."""
 
@@ -158,6 +188,8 @@ class HardwareProfile:
     """Measured corrections to `gpu` per token count (empty: the roofline as is)."""
     cpu_token_scale: TokenScales = TokenScales()
     """Measured corrections to `cpu.compute` (only `expert_bf16` is used: CPU execution of misses)."""
+    engine: EngineOverheads = EngineOverheads()
+    """The serving engine's per-operation software costs (all 0: an efficient engine)."""
 
     def with_link_bandwidth(self, bandwidth_bytes_per_s: float) -> HardwareProfile:
         """The same machine with another link bandwidth (for what-if sweeps)."""
@@ -206,6 +238,8 @@ class HardwareProfile:
             data["gpu"]["token_scale"] = self.gpu_token_scale.to_toml_dict()
         if self.cpu_token_scale.columns:
             data["cpu"]["token_scale"] = self.cpu_token_scale.to_toml_dict()
+        if self.engine != EngineOverheads():
+            data["engine"] = self.engine.to_toml_dict()
         return data
 
 
@@ -275,7 +309,28 @@ def profile_from_dict(data: dict[str, Any], source: str = "<dict>") -> HardwareP
         copy_contention=_copy_contention(r),
         gpu_token_scale=_token_scales(data, "gpu", source),
         cpu_token_scale=_token_scales(data, "cpu", source),
+        engine=_engine_overheads(r),
     )
+
+
+def _engine_overheads(r: _Reader) -> EngineOverheads:
+    """The optional `[engine]` table: per-operation software costs in seconds (each >= 0, default 0)."""
+    table = r.data.get("engine")
+    if table is None:
+        return EngineOverheads()
+    if not isinstance(table, dict):
+        raise UserError(f"profile {r.source}: [engine] must be a table")
+    known = {f.name for f in dataclasses.fields(EngineOverheads)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise UserError(f"profile {r.source}: [engine] has unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    values = {}
+    for key in known:
+        value = r.get("engine", key, float, default=0.0, positive=False)
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"profile {r.source}: [engine] {key} must be a finite number of seconds >= 0, not {value!r}")
+        values[key] = value
+    return EngineOverheads(**values)
 
 
 def _copy_contention(r: _Reader) -> float:
@@ -311,6 +366,24 @@ def _token_scales(data: dict[str, Any], section: str, source: str) -> TokenScale
     return TokenScales(tokens=tuple(tokens), columns=tuple(columns))
 
 
+RENAMED_PROFILES = {
+    "rtx3090-pcie3": "rtx3090", "gtx1080ti-pcie3": "gtx1080ti", "a100-pcie4": "a100", "h100-pcie5": "h100",
+    "rtx4090-pcie4": "rtx4090",
+}
+"""Old shipped names -> the machine; the datasheet profiles are now `<machine>-bound` (and the Fate paper's
+two PCs also have `<machine>-hf-eager`). Old names are refused with the new ones, not silently aliased:
+the old name meant one engine, and the user should choose which of the two they mean."""
+
+
+def _renamed_error(name: str) -> UserError:
+    machine = RENAMED_PROFILES[name]
+    eager = f"{machine}-hf-eager"
+    also = (f", or {eager!r} for the Hugging Face eager engine the Fate paper measured"
+            if (PROFILES_DIR / f"{eager}.toml").exists() else "")
+    return UserError(f"profile {name!r} was renamed: use {machine + '-bound'!r} (the datasheet bound of an "
+                     f"efficient engine, what {name!r} was){also}")
+
+
 def list_profiles() -> list[str]:
     """Names of the shipped profiles."""
     return sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
@@ -322,6 +395,8 @@ def load_profile(name_or_path: str | Path) -> HardwareProfile:
     if not path.suffix == ".toml" or not path.exists():
         shipped = PROFILES_DIR / f"{name_or_path}.toml"
         if not shipped.exists():
+            if str(name_or_path) in RENAMED_PROFILES:
+                raise _renamed_error(str(name_or_path))
             if path.suffix == ".toml":
                 raise UserError(f"no profile file at {path}")
             raise UserError(f"unknown hardware profile {str(name_or_path)!r}; choose one of "

@@ -1,6 +1,6 @@
 """`replay`: a trace under a policy, a memory budget and a machine -> the DESIGN §7 metrics JSON.
 
-    result = replay("mini.safetensors", policy="fate", hw="rtx3090-pcie3", memory_budget="25%")
+    result = replay("mini.safetensors", policy="fate", hw="rtx3090-bound", memory_budget="25%")
 
 `replay_many` runs many configurations on one loaded trace, sharing the parsed trace, its forward steps,
 the future-access index and the content hash (what a sweep needs).
@@ -61,10 +61,11 @@ def resolve_spec(trace: Trace, as_model: str | None) -> ModelSpec:
 
 
 def replay(trace: Trace | str | os.PathLike[str] | LoadedTrace, policy: str | PolicyConfig = "fate",
-           hw: str | Path | HardwareProfile = "rtx3090-pcie3", memory_budget: str | int = "25%",
+           hw: str | Path | HardwareProfile = "rtx3090-bound", memory_budget: str | int = "25%",
            as_model: str | None = None, overrides: dict[str, Any] | None = None,
            timeline: str | Path | None = None, *, mode: str = "fast",
-           score_fn: Callable[[int, Any], np.ndarray] | None = None) -> dict[str, Any]:
+           score_fn: Callable[[int, Any], np.ndarray] | None = None,
+           budget_accounting: str = "fatesim") -> dict[str, Any]:
     """Replay `trace` and return the metrics JSON (keys in sim.metrics.METRIC_KEYS plus the inputs).
 
     policy: a preset name (with `overrides`, as `--set`) or a built PolicyConfig; hw: a profile name, TOML
@@ -72,8 +73,9 @@ def replay(trace: Trace | str | os.PathLike[str] | LoadedTrace, policy: str | Po
     with another model's shapes; timeline: write a Chrome trace-event JSON there; mode: "fast" (the
     compiled kernel of sim/kernel where the policy allows it, else the reference engine's plain loop),
     "engine" (always the reference engine's loop) or "simpy" (its SimPy processes) -- all give identical
-    results; score_fn: the learned
-    predictor's scores.
+    results; score_fn: the learned predictor's scores; budget_accounting: "fatesim" (`sim.units.parse_budget`)
+    or "fate" (the budget is what the Fate paper calls "N GB", sized as Fate's official code does:
+    `sim.accounting`).
     """
     if mode not in ("fast", "engine", "simpy"):
         raise ValueError(f"mode must be 'fast', 'engine' or 'simpy', not {mode!r}")
@@ -81,7 +83,10 @@ def replay(trace: Trace | str | os.PathLike[str] | LoadedTrace, policy: str | Po
     trace_obj, workload = loaded.trace, loaded.workload
     spec = resolve_spec(trace_obj, as_model)
     profile = hw if isinstance(hw, HardwareProfile) else load_profile(hw)
-    config = policy if isinstance(policy, PolicyConfig) else build_policy(policy, overrides)
+    if budget_accounting not in ("fatesim", "fate"):
+        raise UserError(f"--budget-accounting must be fatesim or fate, not {budget_accounting!r}")
+    config = (policy if isinstance(policy, PolicyConfig)
+              else build_policy(policy, overrides, model_type=spec.model_type))
     if config.prediction in NEEDS_LOOKAHEAD and not workload.has_lookahead and config.prefetch != "none":
         raise UserError(f"policy {config.name!r} predicts with look-ahead logits, which trace {trace_obj.model} lacks; "
                         "use --set prediction=eap (or none), or record the trace with look-ahead logits")
@@ -89,6 +94,8 @@ def replay(trace: Trace | str | os.PathLike[str] | LoadedTrace, policy: str | Po
                     else parse_budget(str(memory_budget), spec, kv_tokens=workload.max_context))
     resident = spec.resident_bytes(workload.max_context)
     expert_budget = budget_bytes - resident
+    if budget_accounting == "fate":
+        config, expert_budget, resident = _fate_budget(spec, config, memory_budget, budget_bytes, workload.max_context)
     slot_need = spec.num_moe_layers * spec.top_k
     if expert_budget < spec.top_k * spec.expert_bytes("int2"):
         raise UserError(f"memory budget {format_bytes(budget_bytes)} is below the non-expert weights, shared experts "
@@ -128,6 +135,21 @@ def replay(trace: Trace | str | os.PathLike[str] | LoadedTrace, policy: str | Po
         "trace_hash": loaded.trace_hash,
     })
     return metrics
+
+
+def _fate_budget(spec: ModelSpec, config: PolicyConfig, memory_budget: str | int, budget_bytes: int,
+                 max_context: int) -> tuple[PolicyConfig, int, int]:
+    """(policy, expert budget, bytes outside the experts) under Fate's accounting of `budget_bytes`."""
+    from sim.accounting import KV_RESERVE_TOKENS, sim_expert_budget
+
+    if str(memory_budget).strip().endswith("%"):
+        raise UserError("--budget-accounting fate takes the paper's budget as a size (the paper's 10 GB is 10GiB), "
+                        "not a percentage")
+    if max_context > KV_RESERVE_TOKENS:
+        raise UserError(f"Fate's accounting reserves KV cache for {KV_RESERVE_TOKENS} tokens but the trace's longest "
+                        f"sequence has {max_context}; use --budget-accounting fatesim")
+    sim = sim_expert_budget(spec, budget_bytes, config)
+    return sim.policy, sim.expert_budget_bytes, budget_bytes - sim.expert_budget_bytes
 
 
 def replay_many(trace: Trace | str | os.PathLike[str] | LoadedTrace,

@@ -13,12 +13,15 @@ from sim.units import format_bytes
 @click.option("--trace", "trace_path", required=True, type=click.Path(dir_okay=False),
               help="Trace file (.safetensors, format v1).")
 @click.option("--policy", default="fate", show_default=True, help="Policy preset; `fatesim policies` lists them.")
-@click.option("--hw", default="rtx3090-pcie3", show_default=True,
+@click.option("--hw", default="rtx3090-bound", show_default=True,
               help="Hardware profile name or .toml path; `fatesim profiles` lists them.")
 @click.option("--memory-budget", default="25%", show_default=True,
               help="Total fast memory: bytes with a unit (6GiB, 512MB) or a percentage of the routed-expert bytes "
                    "on top of everything else (25%).")
 @click.option("--as-model", default=None, help="Replay with this model's shapes (same layers, experts and top-k).")
+@click.option("--budget-accounting", type=click.Choice(["fatesim", "fate"]), default="fatesim", show_default=True,
+              help="How the budget is sized: fatesim's (everything but the routed experts, then the cache), or as "
+                   "Fate's official code does (the paper's '10 GB' is 10GiB; see sim/accounting.py).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Override a policy component or parameter, e.g. --set eviction=lru --set int2_rate=0.5.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics JSON instead of a table.")
@@ -27,7 +30,7 @@ from sim.units import format_bytes
 @click.option("--estimator", type=click.Path(dir_okay=False), default=None,
               help="A learned estimator (`fatesim train-estimator`) used as the prediction policy; the trace "
                    "must hold gate inputs.")
-def replay(trace_path: str, policy: str, hw: str, memory_budget: str, as_model: str | None,
+def replay(trace_path: str, policy: str, hw: str, memory_budget: str, as_model: str | None, budget_accounting: str,
            settings: tuple[str, ...], as_json: bool, timeline: str | None, estimator: str | None) -> None:
     """Replay a trace under a policy, memory budget and hardware profile."""
     from sim.policies.presets import parse_overrides
@@ -45,7 +48,8 @@ def replay(trace_path: str, policy: str, hw: str, memory_budget: str, as_model: 
         score_fn = make_score_fn(learned, trace)
         overrides.setdefault("prediction", "learned")
     metrics = run_replay(loaded, policy=policy, hw=hw, memory_budget=memory_budget, as_model=as_model,
-                         overrides=overrides, timeline=timeline, score_fn=score_fn)
+                         overrides=overrides, timeline=timeline, score_fn=score_fn,
+                         budget_accounting=budget_accounting)
     if as_json:
         click.echo(json.dumps(metrics, sort_keys=False))
         return

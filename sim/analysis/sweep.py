@@ -5,7 +5,7 @@ A grid is a TOML file; every key takes a list (a scalar means a list of one):
 ```toml
 policy = ["lod", "lru", "fate"]            # presets (`fatesim policies`)
 budget = ["10%", "25%", "6GiB"]            # fast-memory budgets (sim.units.parse_budget)
-profile = ["rtx3090-pcie3"]                # hardware profiles (`fatesim profiles`) or .toml paths
+profile = ["rtx3090-bound"]                # hardware profiles (`fatesim profiles`) or .toml paths
 link_bandwidth = ["12GB", "25GB"]          # per second; overrides the profile's link (omit: the profile's)
 as_model = ["none", "qwen1.5-moe-a2.7b"]   # replay with a larger model's shapes ("none": the trace's own)
 estimator = ["est.safetensors"]            # learned-predictor weights (`fatesim train-estimator`), for
@@ -125,7 +125,7 @@ def parse_grid(text: str, source: str = "<grid>") -> list[SweepConfig]:
         raise UserError(f"grid {source} has no 'policy' list; name at least one preset")
     policies = [str(p) for p in _as_list("policy", data["policy"])]
     budgets = [str(b) for b in _as_list("budget", data.get("budget", "25%"))]
-    profiles = [str(p) for p in _as_list("profile", data.get("profile", "rtx3090-pcie3"))]
+    profiles = [str(p) for p in _as_list("profile", data.get("profile", "rtx3090-bound"))]
     bandwidths = [_bandwidth(b) for b in _as_list("link_bandwidth", data.get("link_bandwidth", "profile"))]
     as_models = [None if str(m).lower() in ("none", "") else str(m)
                  for m in _as_list("as_model", data.get("as_model", "none"))]

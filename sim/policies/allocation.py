@@ -7,8 +7,9 @@ decode token could not run; fewer is a budget the user must raise.
 - `uniform`: the same number of slots per layer; the remainder goes to the shallowest layers.
 - `shallow`: Fate's shallow-favoring cache (arXiv 2502.12224): the shallowest MoE layers are cached fully
   (all E experts; their prefetch has the least look-ahead to hide behind) and the rest of the slots are
-  split evenly over the deeper layers. `shallow_layers` = how many; -1 = as many as fit while every deeper
-  layer keeps at least 2·k slots (the useful cache size of the LRC paper).
+  split evenly over the deeper layers. `shallow_layers` = how many at most (fewer when that many full layers
+  plus top-k slots for every other layer do not fit, as Fate's code falls back); -1 = as many as fit while
+  every deeper layer keeps at least 2·k slots (the useful cache size of the LRC paper).
 - `popularity`: static pinning (Fiddler; llama.cpp `--n-cpu-moe`-style placement): uniform slots, and in
   each layer the most popular experts (from a profiling pass over the prompts: the trace's prefill tokens,
   as realrun profiles them) are loaded before serving and never evicted; `reserve` slots per layer stay
@@ -72,13 +73,11 @@ def allocate(
             full = 0
             while full < num_layers and (full + 1) * num_experts + (num_layers - full - 1) * keep <= total_slots:
                 full += 1
-        else:
+        else:  # at most shallow_layers: as many as fit with top-k slots for the others (Fate's code falls
+            # back the same way when its cache cannot hold 4 full layers)
             full = min(shallow_layers, num_layers)
-            if full * num_experts + (num_layers - full) * top_k > total_slots:
-                raise UserError(
-                    f"shallow_layers={shallow_layers} fully cached layers do not fit in {total_slots} slots "
-                    f"with top-{top_k} slots for the other layers; lower shallow_layers or raise the budget"
-                )
+            while full > 0 and full * num_experts + (num_layers - full) * top_k > total_slots:
+                full -= 1
         rest = num_layers - full
         slots = [num_experts] * full + (_uniform(total_slots - full * num_experts, rest, num_experts) if rest else [])
     elif name == "popularity":

@@ -1,8 +1,10 @@
 """Named policy presets: one composition of the six families per name, each citing its source.
 
-`build_policy(name, overrides)` returns a frozen `PolicyConfig`; `--set key=value` overrides any component
-(allocation, eviction, prediction, prefetch, precision, miss) or parameter. Unknown keys and bad values
-are refused with the valid choices; nothing is fuzzy-matched.
+`build_policy(name, overrides, model_type=...)` returns a frozen `PolicyConfig`: the preset, then its
+per-model defaults (`MODEL_DEFAULTS`, by the model's family, e.g. Fate's INT2 share for DeepSeek models),
+then `--set key=value` overrides of any component (allocation, eviction, prediction, prefetch, precision,
+miss) or parameter. Unknown keys and bad values are refused with the valid choices; nothing is
+fuzzy-matched.
 """
 
 from __future__ import annotations
@@ -97,9 +99,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         source="the EAP baseline of Fate (arXiv 2502.12224); path tracing as in MoE-Infinity (arXiv 2401.14361)"),
     "fate": dict(
         allocation="shallow", eviction="arc", prediction="crosslayer", prefetch="fate", precision="fate-hybrid",
-        miss="wait", int2_rate=0.3,
-        description="cross-layer gate prefetch, shallow-favoring ARC cache, popularity-aware INT4/INT2 hybrid",
-        source="Fate, Fang et al., arXiv 2502.12224 (int2_rate 0.3 for Qwen, 0.5 for DeepSeek)"),
+        miss="lowbit", miss_precision="int4", int2_rate=0.3, shallow_layers=4,
+        description="cross-layer gate prefetch, shallow-favoring ARC cache (4 full layers), popularity-aware "
+                    "INT4/INT2 prefetch, INT4 on-demand loads",
+        source="Fate, Fang et al., arXiv 2502.12224; official code FFFzy/Fate_open @ 3bcfdb4: 4 shallow layers "
+               "(utils/memory_cost.py), misses loaded at the layer's INT4 (load_weights), int2_rate 0.3 for "
+               "Qwen and Mixtral, 0.5 for DeepSeek (the paper; MODEL_DEFAULTS)"),
     "speculate": dict(
         allocation="uniform", eviction="lru", prediction="speculative", prefetch="topk", precision="bf16",
         miss="speculated", prefetch_count=4,
@@ -127,6 +132,22 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 """name -> composition, description and source. The single registry of presets."""
 
+MODEL_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "fate": {"deepseek": {"int2_rate": 0.5}},
+}
+"""preset -> model family -> parameters that differ from the preset's default for that family (applied
+before `--set` overrides). Fate: the share of prefill routing mass sent as INT2 is 0.5 for DeepSeekMoE
+(0.3 for Qwen1.5-MoE and Mixtral, the preset's default), arXiv 2502.12224 section 6."""
+
+MODEL_FAMILIES = {"deepseek": "deepseek", "deepseek_v2": "deepseek", "deepseek_v3": "deepseek",
+                  "qwen2_moe": "qwen", "qwen3_moe": "qwen", "mixtral": "mixtral", "olmoe": "olmoe"}
+"""Hugging Face model_type -> the family `MODEL_DEFAULTS` is keyed by."""
+
+
+def model_family(model_type: str | None) -> str | None:
+    """The family of a Hugging Face `model_type` (None: unknown or not given)."""
+    return MODEL_FAMILIES.get(model_type) if model_type else None
+
 
 def _parse_value(key: str, text: Any, default: Any) -> Any:
     if key in CHOICES:
@@ -148,13 +169,16 @@ def _parse_value(key: str, text: Any, default: Any) -> Any:
     return value
 
 
-def build_policy(name: str, overrides: dict[str, Any] | None = None) -> PolicyConfig:
-    """The preset `name` with `overrides` applied; UserError naming valid presets, keys or values."""
+def build_policy(name: str, overrides: dict[str, Any] | None = None, *,
+                 model_type: str | None = None) -> PolicyConfig:
+    """The preset `name`, with its defaults for `model_type`'s family (`MODEL_DEFAULTS`), then `overrides`;
+    UserError naming valid presets, keys or values."""
     if name not in PRESETS:
         raise UserError(f"unknown policy {name!r}; choose one of {', '.join(PRESETS)}")
     fields = {f.name: f for f in dataclasses.fields(PolicyConfig)}
     settable = [k for k in fields if k not in ("name", "description", "source")]
     values = dict(PRESETS[name])
+    values.update(MODEL_DEFAULTS.get(name, {}).get(model_family(model_type), {}))
     for key, text in (overrides or {}).items():
         if key not in settable:
             raise UserError(f"--set {key}: unknown key; valid keys are {', '.join(settable)}")

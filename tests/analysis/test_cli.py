@@ -52,7 +52,7 @@ def test_errors_are_one_line_exit_2(traces_dir, capsys) -> None:
         ["train-estimator", "--trace", str(traces_dir / "s.safetensors"), "--out", str(traces_dir / "no" / "e.safetensors"),
          "--steps", "2"],
         ["plot", str(traces_dir / "none.csv"), "--out", str(traces_dir / "png")],
-        ["plan", "--model", "qwen1.5-moe-a2.7b", "--hw", "rtx3090-pcie3"],
+        ["plan", "--model", "qwen1.5-moe-a2.7b", "--hw", "rtx3090-bound"],
     ]
     for argv in cases:
         code, _, err = run(argv, capsys)
@@ -87,7 +87,7 @@ def test_replay_uses_a_trained_estimator_as_its_predictor(traces_dir, capsys) ->
                       "--depth", "1", "--steps", "50"], capsys)
     assert code == 0
     code, out, _ = run(["replay", "--trace", str(traces_dir / "s2.safetensors"), "--policy", "lru",
-                        "--set", "prefetch=topk", "--estimator", str(est), "--hw", "rtx3090-pcie3",
+                        "--set", "prefetch=topk", "--estimator", str(est), "--hw", "rtx3090-bound",
                         "--memory-budget", "50%", "--json"], capsys)
     metrics = json.loads(out)
     assert code == 0 and metrics["policy_components"]["prediction"] == "learned"

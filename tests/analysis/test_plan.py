@@ -37,7 +37,7 @@ def trace_file(tmp_path):
 
 
 def test_target_finds_smallest_budget_and_policy(trace_file) -> None:
-    result = plan(MODEL, "h100-pcie5", target_decode=5.0, trace=trace_file, policies=["lod", "fate"],
+    result = plan(MODEL, "h100-bound", target_decode=5.0, trace=trace_file, policies=["lod", "fate"],
                   runner=linear_runner)
     step = SPEC.expert_bytes("bf16")
     by_policy = {r.policy: r for r in result.rows}
@@ -50,7 +50,7 @@ def test_target_finds_smallest_budget_and_policy(trace_file) -> None:
 
 
 def test_unreachable_target_says_so(trace_file) -> None:
-    result = plan(MODEL, "h100-pcie5", target_decode=25.0, trace=trace_file, policies=["lod", "fate"],
+    result = plan(MODEL, "h100-bound", target_decode=25.0, trace=trace_file, policies=["lod", "fate"],
                   runner=linear_runner)
     assert result.answer.startswith("no policy reaches 25 decode tokens/s")
     assert all(r.budget_bytes is None for r in result.rows)
@@ -58,7 +58,7 @@ def test_unreachable_target_says_so(trace_file) -> None:
 
 
 def test_budget_mode_picks_fastest(trace_file) -> None:
-    result = plan(MODEL, "h100-pcie5", budget="50%", trace=trace_file, policies=["lod", "fate"],
+    result = plan(MODEL, "h100-bound", budget="50%", trace=trace_file, policies=["lod", "fate"],
                   runner=linear_runner)
     assert [r.policy for r in result.rows] == ["fate", "lod"]
     assert result.rows[0].decode_tokens_per_s == pytest.approx(10.0, rel=1e-6)
@@ -67,6 +67,6 @@ def test_budget_mode_picks_fastest(trace_file) -> None:
 
 def test_bad_requests(trace_file) -> None:
     with pytest.raises(UserError, match="exactly one"):
-        plan(MODEL, "h100-pcie5", trace=trace_file, runner=linear_runner)
+        plan(MODEL, "h100-bound", trace=trace_file, runner=linear_runner)
     with pytest.raises(UserError, match="unknown"):
-        plan(MODEL, "h100-pcie5", target_decode=1.0, trace=trace_file, policies=["nosuch"], runner=linear_runner)
+        plan(MODEL, "h100-bound", target_decode=1.0, trace=trace_file, policies=["nosuch"], runner=linear_runner)

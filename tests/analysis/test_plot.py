@@ -18,11 +18,11 @@ def _rows() -> list[dict]:
     for policy, speed in (("lod", 1.0), ("lru", 1.6), ("fate", 3.0)):
         for share in (0.1, 0.25, 0.5, 0.75, 1.0):
             budget = int((4 + 10 * share) * 2**30)
-            rows.append({"status": "ok", "policy": policy, "budget": f"{share:.0%}", "profile": "rtx3090-pcie3",
+            rows.append({"status": "ok", "policy": policy, "budget": f"{share:.0%}", "profile": "rtx3090-bound",
                          "model": "qwen1.5-moe-a2.7b", "memory_budget_bytes": budget,
                          "decode_tokens_per_s": speed * (1 + 4 * share), "prefill_tokens_per_s": 50 * speed * (1 + share),
                          "hit_rate_per_layer": json.dumps([min(1.0, share * speed * (1 - layer / 40)) for layer in range(24)])})
-    rows.append({"status": "error", "policy": "eap", "budget": "10%", "profile": "rtx3090-pcie3", "error": "x"})
+    rows.append({"status": "error", "policy": "eap", "budget": "10%", "profile": "rtx3090-bound", "error": "x"})
     return rows
 
 

@@ -28,7 +28,7 @@ def toy_runner(trace, *, policy, hw, memory_budget, as_model, overrides) -> dict
 GRID = """
 policy = ["lod", "fate"]
 budget = ["10%", "50%"]
-profile = "rtx3090-pcie3"
+profile = "rtx3090-bound"
 [set]
 int2_rate = [0.3, 0.5]
 """
@@ -126,8 +126,8 @@ def test_ray_local_cluster(trace_file, tmp_path) -> None:
 
 
 def test_config_columns_win_over_metric_keys(trace_file, tmp_path) -> None:
-    """The runner reports the profile as 'rtx3090-pcie3@25GB/s'; the row keeps the grid's profile name and
+    """The runner reports the profile as 'rtx3090-bound@25GB/s'; the row keeps the grid's profile name and
     the bandwidth in its own column (plots group by them)."""
     configs = parse_grid('policy = ["lod"]\nlink_bandwidth = ["25GB"]\n')
     row = run_sweep(trace_file, configs, tmp_path / "c", runner=toy_runner, progress=False).rows[0]
-    assert row["profile"] == "rtx3090-pcie3" and row["link_bandwidth_bytes_per_s"] == 25e9
+    assert row["profile"] == "rtx3090-bound" and row["link_bandwidth_bytes_per_s"] == 25e9

@@ -44,15 +44,15 @@ def test_plan_with_replay(tmp_path) -> None:
     trace = synthetic_trace(sequences=1, prompt_tokens=8, decode_tokens=16, seed=1)
     path = tmp_path / "q.safetensors"
     write_trace(trace, path)
-    speed = {b: replay(trace, policy="lru", hw="rtx3090-pcie3", memory_budget=b)["decode_tokens_per_s"]
+    speed = {b: replay(trace, policy="lru", hw="rtx3090-bound", memory_budget=b)["decode_tokens_per_s"]
              for b in ("10%", "100%")}
     target = (speed["10%"] + speed["100%"]) / 2
-    result = plan("qwen1.5-moe-a2.7b", "rtx3090-pcie3", target_decode=target, trace=path, policies=["lru"])
+    result = plan("qwen1.5-moe-a2.7b", "rtx3090-bound", target_decode=target, trace=path, policies=["lru"])
     row = result.rows[0]
     assert row.policy == "lru" and row.decode_tokens_per_s >= target
     assert "with lru reaches" in result.answer
     below = row.budget_bytes - 2 * get_model_spec("qwen1.5-moe-a2.7b").expert_bytes("bf16")
-    assert replay(trace, policy="lru", hw="rtx3090-pcie3", memory_budget=below)["decode_tokens_per_s"] < target
+    assert replay(trace, policy="lru", hw="rtx3090-bound", memory_budget=below)["decode_tokens_per_s"] < target
 
 
 def test_learned_score_fn_drives_replay(small_trace, tmp_path) -> None:
@@ -69,6 +69,6 @@ def test_learned_score_fn_drives_replay(small_trace, tmp_path) -> None:
     save_estimator(est, tmp_path / "e.safetensors")
     steps = step_token_slices(with_gate)
     assert len(steps) == 2 * (1 + 24) and steps[0] == slice(0, 8) and steps[1] == slice(8, 9)
-    metrics = replay(with_gate, policy="lru", hw="rtx3090-pcie3", memory_budget="50%",
+    metrics = replay(with_gate, policy="lru", hw="rtx3090-bound", memory_budget="50%",
                      overrides={"prediction": "learned", "prefetch": "topk"}, score_fn=make_score_fn(est, with_gate))
     assert metrics["decode_tokens_per_s"] > 0

@@ -192,3 +192,26 @@ def test_copy_contention_is_the_geometric_mean_ratio_at_least_one() -> None:
     assert fit_copy_contention(pts(1.0, 1.21, 1) + pts(2.0, 2.0, 4)) == pytest.approx(1.1)
     assert fit_copy_contention(pts(1.0, 0.9, 1)) == 1.0  # faster beside transfers is noise, not a speed-up
     assert fit_copy_contention(synthetic_points()) == 1.0  # not measured
+
+
+def test_engine_overheads_are_the_line_through_the_dispatch_points() -> None:
+    """Noise-free dispatch times t = 300 µs + n x 40 µs give back both costs; no points: zeros."""
+    from calibration.fit import fit_engine_overheads
+
+    pts = [Point("dispatch", n, 0.0, 0.0, 300e-6 + n * 40e-6, (0.0,)) for n in (1, 2, 4, 8, 16)]
+    engine = fit_engine_overheads(pts)
+    assert engine.per_moe_layer_s == pytest.approx(300e-6, rel=1e-6)
+    assert engine.per_expert_s == pytest.approx(40e-6, rel=1e-6)
+    assert engine.per_dequant_s == 0.0
+    assert fit_engine_overheads(synthetic_points()).per_expert_s == 0.0
+
+
+def test_engine_overheads_enter_the_built_profile_and_refuse_one_expert_count() -> None:
+    pts = synthetic_points() + [Point("dispatch", n, 0.0, 0.0, 1e-4 + n * 2e-5, (0.0,)) for n in (1, 4)]
+    cal = build_profile(pts, name="s", device_kind="cpu", memory_bytes=1, copy_engines=1, description="",
+                        provenance="p")
+    assert cal.profile.engine.per_expert_s == pytest.approx(2e-5, rel=1e-6)
+    assert cal.profile.to_toml_dict()["engine"]["per_moe_layer_s"] == pytest.approx(1e-4, rel=1e-6)
+    with pytest.raises(UserError, match="at least two different expert counts"):
+        build_profile(synthetic_points() + [Point("dispatch", 4, 0.0, 0.0, 1e-4, (0.0,))], name="s",
+                      device_kind="cpu", memory_bytes=1, copy_engines=1, description="", provenance="p")

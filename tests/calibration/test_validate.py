@@ -93,8 +93,8 @@ def test_link_time_factor() -> None:
     link = LinkModel(bandwidth_bytes_per_s=2e9, latency_s=1e-3, copy_engines=1)
     assert link_time_factor({"copies": 4, "bytes": 4e9, "busy_s": 2 * (2.0 + 4e-3)}, link) == pytest.approx(2.0)
     assert link_time_factor({"copies": 0, "bytes": 0, "busy_s": 0.0}, link) is None
-    slowed = load_profile("rtx3090-pcie3").with_link_slowed(2.0)
-    plain = load_profile("rtx3090-pcie3")
+    slowed = load_profile("rtx3090-bound").with_link_slowed(2.0)
+    plain = load_profile("rtx3090-bound")
     assert slowed.link.transfer_s(17_000_000) == pytest.approx(2 * plain.link.transfer_s(17_000_000))
 
 

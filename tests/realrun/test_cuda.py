@@ -16,7 +16,7 @@ pytestmark = pytest.mark.cuda
 
 
 @pytest.mark.parametrize("preset, overrides, store", [
-    ("lod", {}, "ram"), ("lru", {}, "ram"), ("fate", {"precision": "bf16"}, "ram"), ("lru", {}, "disk"),
+    ("lod", {}, "ram"), ("lru", {}, "ram"), ("fate", {"precision": "bf16", "miss": "wait"}, "ram"), ("lru", {}, "disk"),
     ("cpu-exec", {}, "ram"),
 ])
 def test_cuda_lossless_matches_plain_model(preset: str, overrides: dict, store: str) -> None:

@@ -129,7 +129,7 @@ def open_engine(references, arch: str, preset: str, overrides: dict, dev, *, bud
     popularity = (popularity_counts(model, PROMPTS.token_ids, CPU, spec.num_moe_layers, spec.num_experts)
                   if policy.allocation == "popularity" else None)
     slow, layouts = build_store(spec, moe_blocks(model), storage_precisions(policy), "ram", CPU)
-    count = decode_prefetch_count(CostModel(spec, load_profile("rtx3090-pcie3")))
+    count = decode_prefetch_count(CostModel(spec, load_profile("rtx3090-bound")))
     ctl = OffloadController(spec, policy, experts, popularity=popularity, decode_prefetch_count=count)
     if spy is not None:
         spy(ctl)
@@ -146,7 +146,7 @@ def run_on_device(references, arch: str, preset: str, overrides: dict, dev, *, b
 
 # lossless presets that exercise prefetch (fate), tight-budget slot reuse within a layer step (lru 30%),
 # speculation's prefetches (speculate, waiting on misses) and the CPU worker (cpu-exec)
-FAKE_CASES = [("fate", {"precision": "bf16"}, "50%"), ("lru", {}, "30%"), ("speculate", {"miss": "wait"}, "50%"),
+FAKE_CASES = [("fate", {"precision": "bf16", "miss": "wait"}, "50%"), ("lru", {}, "30%"), ("speculate", {"miss": "wait"}, "50%"),
               ("cpu-exec", {}, "50%")]
 
 

@@ -87,7 +87,7 @@ def test_kernel_equals_the_reference_controller(case) -> None:
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-@pytest.mark.parametrize("profile", ["rtx3090-pcie3", "sim/profiles/this-machine-cpu-disk.toml"])
+@pytest.mark.parametrize("profile", ["rtx3090-bound", "sim/profiles/this-machine-cpu-disk.toml"])
 def test_every_preset_on_a_synthetic_trace(preset: str, profile: str) -> None:
     loaded = load(synthetic_trace(sequences=2, prompt_tokens=10, decode_tokens=20, seed=5, lookahead_depth=2))
     for budget in ("8%", "30%"):

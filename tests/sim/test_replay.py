@@ -49,7 +49,7 @@ def test_oracle_is_never_slower_than_a_preset_at_its_precision_synthetic(synthet
 
 def test_oracle_is_never_slower_on_real_deepseek_routing(esft) -> None:
     """ESFT (DeepSeek-V2-Lite, no look-ahead logits): the presets that can run without them."""
-    for name, hw in (("lod", "rtx3090-pcie3"), ("lru", "h100-pcie5"), ("eap", "gtx1080ti-pcie3")):
+    for name, hw in (("lod", "rtx3090-bound"), ("lru", "h100-bound"), ("eap", "gtx1080ti-bound")):
         m = replay(esft, policy=name, hw=hw, memory_budget="20%")
         o = replay(esft, policy="oracle", hw=hw, memory_budget="20%")
         assert o["decode_tokens_per_s"] >= m["decode_tokens_per_s"], (name, hw)
@@ -72,7 +72,7 @@ def test_budget_is_respected_on_real_routing(esft) -> None:
 
 
 def test_replay_many_equals_single_replays(synthetic) -> None:
-    configs = [dict(policy="lru", memory_budget="20%"), dict(policy="fate", hw="h100-pcie5", memory_budget="30%")]
+    configs = [dict(policy="lru", memory_budget="20%"), dict(policy="fate", hw="h100-bound", memory_budget="30%")]
     assert replay_many(synthetic, configs) == [replay(synthetic, **c) for c in configs]
 
 

@@ -31,7 +31,7 @@ def _run(capsys, argv: list[str]) -> tuple[int, str, str]:
 
 def test_replay_prints_a_short_table(capsys, trace_file, tmp_path) -> None:
     timeline = tmp_path / "t.json"
-    code, out, err = _run(capsys, ["replay", "--trace", str(trace_file), "--policy", "fate", "--hw", "rtx3090-pcie3",
+    code, out, err = _run(capsys, ["replay", "--trace", str(trace_file), "--policy", "fate", "--hw", "rtx3090-bound",
                                    "--memory-budget", "25%", "--timeline", str(timeline)])
     assert code == 0, err
     for label in ("policy", "memory budget", "prefill", "decode", "hit rate", "prefetch", "bytes moved", "GPU stall"):
@@ -75,7 +75,7 @@ def test_policies_and_profiles_list_everything(capsys) -> None:
     code, out, _ = _run(capsys, ["profiles", "--json"])
     assert code == 0
     profiles = json.loads(out)
-    assert "rtx3090-pcie3" in profiles and "gtx1080ti-pcie3" in profiles
+    assert "rtx3090-bound" in profiles and "gtx1080ti-bound" in profiles
     assert all(p["provenance"] for p in profiles.values())
 
 

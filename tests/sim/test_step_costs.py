@@ -21,7 +21,7 @@ def test_attention_includes_the_scaled_attention_and_a_share_of_the_head() -> No
     from sim.hardware import load_profile, profile_from_dict
 
     spec = get_model_spec("qwen1.5-moe-a2.7b")
-    plain_hw = load_profile("rtx3090-pcie3")
+    plain_hw = load_profile("rtx3090-bound")
     data = plain_hw.to_toml_dict()
     data["gpu"]["token_scale"] = {"tokens": [1, 16], "attention": [0.5, 2.0], "lm_head": [3.0, 3.0]}
     scaled_hw = profile_from_dict(data)

@@ -30,7 +30,7 @@ def test_factor_at_calibrated_points_between_and_outside() -> None:
 
 
 def _profile_dict(**gpu_extra: object) -> dict:
-    data = load_profile("rtx3090-pcie3").to_toml_dict()
+    data = load_profile("rtx3090-bound").to_toml_dict()
     data["gpu"].update(gpu_extra)
     return data
 
@@ -62,7 +62,7 @@ def test_costs_apply_the_corrections() -> None:
     """bf16 experts and shared experts are scaled; a precision with its own column drops the dequant term;
     one without it is the scaled unquantised expert plus dequantisation; the CPU uses its own table."""
     spec = get_model_spec("qwen1.5-moe-a2.7b")
-    plain = load_profile("rtx3090-pcie3")
+    plain = load_profile("rtx3090-bound")
     data = _profile_dict(token_scale=SCALES.to_toml_dict())
     data["cpu"]["token_scale"] = {"tokens": [1], "expert_bf16": [4.0]}
     scaled = profile_from_dict(data)
@@ -79,15 +79,15 @@ def test_costs_apply_the_corrections() -> None:
 
 def test_shipped_gpu_profiles_have_no_corrections() -> None:
     """Datasheet profiles are pure rooflines: the corrections come only from a calibration."""
-    for name in ("rtx3090-pcie3", "gtx1080ti-pcie3", "rtx4090-pcie4", "a100-pcie4", "h100-pcie5"):
+    for name in ("rtx3090-bound", "gtx1080ti-bound", "rtx4090-bound", "a100-bound", "h100-bound"):
         profile = load_profile(name)
         assert not profile.gpu_token_scale.columns and not profile.cpu_token_scale.columns
 
 
 def test_copy_contention_is_optional_checked_and_round_trips() -> None:
     """Absent: 1.0 (and not written back); below 1 is refused; a measured value survives the round trip."""
-    assert load_profile("rtx3090-pcie3").copy_contention == 1.0
-    assert "copy_contention" not in load_profile("rtx3090-pcie3").to_toml_dict()["gpu"]
+    assert load_profile("rtx3090-bound").copy_contention == 1.0
+    assert "copy_contention" not in load_profile("rtx3090-bound").to_toml_dict()["gpu"]
     with pytest.raises(UserError, match="copy_contention must be >= 1"):
         profile_from_dict(_profile_dict(copy_contention=0.5), source="bad.toml")
     profile = profile_from_dict(_profile_dict(copy_contention=1.25))
