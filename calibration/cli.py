@@ -36,7 +36,8 @@ def _tqdm_progress(total: int) -> Callable[[str], None]:
               help="Profile TOML to write (atomically).")
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for fit-against-measurement PNGs and the raw points (points.json).")
-@click.option("--quick", is_flag=True, help="Few sizes, 2 repeats: seconds instead of about five minutes.")
+@click.option("--quick", is_flag=True,
+              help="Few sizes, 2 repeats: about 25 s of CPU time instead of about 2 minutes (one core).")
 @click.option("--model", default="qwen1.5-moe-a2.7b", show_default=True,
               help="Model whose shapes and dtype are measured: a built-in spec, a config.json folder, or "
                    "'bench' (realrun's Qwen-shaped float32 benchmark model).")

@@ -2,7 +2,7 @@
 
 For each (preset, budget) pair: realrun runs the model for real (CPU or CUDA, disk or RAM tier) and records
 the routing trace of that very run; the simulator replays that trace with the same policy, the same
-budget in bytes and the hardware profile under test. Both report the DESIGN §7 metrics; we compare
+budget in bytes and the hardware profile under test. Both report the metrics of sim/metrics.py; we compare
 prefill tokens/s, decode tokens/s and hit rate and give each the relative error (sim - real) / real.
 
 Fairness between the two sides:

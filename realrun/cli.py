@@ -9,7 +9,9 @@ import click
 
 
 @click.command()
-@click.option("--model", required=True, help="A default model name (see traces.modelzoo) or a HF model folder.")
+@click.option("--model", required=True,
+              help="An embedded model (mini-qwen-moe, mini-deepseek-moe) or a local Hugging Face model folder "
+                   "(config.json and safetensors weights).")
 @click.option("--prompts", "prompts_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help='Prompt file: JSON lines, each {"text": ...} or {"token_ids": [...]}.')
 @click.option("--policy", required=True, help="Policy preset (lod, lru, fate, speculate, cpu-exec, ...; see "
@@ -34,12 +36,18 @@ def realrun(model: str, prompts_path: Path, policy: str, memory_budget: str, dev
             max_new_tokens: int, as_json: bool, timeline: Path | None,
             trace_out: Path | None, settings: tuple[str, ...]) -> None:
     """Run a model for real with offloaded experts under a policy; print replay's metrics."""
+    from sim.policies.presets import build_policy, parse_overrides
+    from traces.paths import check_output
+
+    # Mistakes fail now, not after importing torch and loading the model.
+    overrides = parse_overrides(settings)
+    build_policy(policy, overrides)
+    for option, path in (("--timeline", timeline), ("--trace-out", trace_out)):
+        if path is not None:
+            check_output(path, inputs=[prompts_path], what=option)
     from tqdm import tqdm
 
     from realrun.session import run_realrun
-    from sim.policies.presets import parse_overrides
-
-    overrides = parse_overrides(settings)
 
     with tqdm(desc=f"realrun {policy}", unit="step", disable=None, leave=False) as bar:
 

@@ -37,15 +37,15 @@ from realrun.runner import (
     storage_precisions,
 )
 from realrun.store import SlowStore, aligned_buffer
+from sim.budget import host_memory_bytes, resolve_budget
 from sim.costs import CostModel
 from sim.hardware import HardwareProfile, load_profile, profile_from_dict
-from sim.metrics import compute_metrics
+from sim.metrics import cache_warnings, compute_metrics, run_notes
 from sim.modelspec import ModelSpec
 from sim.policies.allocation import allocate
 from sim.policies.controller import OffloadController
 from sim.policies.prefetch import decode_prefetch_count
 from sim.policies.presets import PolicyConfig, build_policy
-from sim.units import parse_budget
 from traces.errors import UserError
 
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -215,6 +215,13 @@ def build_trace(routes: list[list[RouteRecord]], gen: Generation, prompts: Promp
     )
 
 
+def device_memory_bytes(device: torch.device) -> int:
+    """Fast memory of the device realrun computes on: the GPU's memory, or host RAM on a CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return host_memory_bytes()
+
+
 def check_slots(policy: PolicyConfig, spec: ModelSpec, experts_budget: int) -> None:
     """UserError, before any weight is loaded, when the budget cannot give every layer top-k slots (the
     allocation policy's own rule, applied to the slot size the controller will use)."""
@@ -239,7 +246,8 @@ def run_offloaded(model: nn.Module, prompts: Prompts, *, model_name: str, policy
     spec = spec_of(model, model_name)
     blocks = moe_blocks(model)
     kv_tokens = max(len(p) for p in prompts.token_ids) + max_new_tokens
-    total = memory_budget if isinstance(memory_budget, int) else parse_budget(memory_budget, spec, kv_tokens)
+    total = resolve_budget(memory_budget, spec, kv_tokens=kv_tokens, device_memory_bytes=device_memory_bytes(device),
+                           device=f"this {device.type} device").total_bytes
     experts_budget = expert_budget(total, spec, kv_tokens)
     popularity = None
     if policy.allocation == "popularity":
@@ -281,6 +289,9 @@ def run_offloaded(model: nn.Module, prompts: Prompts, *, model_name: str, policy
         "policy": policy.name, "policy_components": policy.components(), "memory_budget_bytes": total,
         "expert_budget_bytes": experts_budget, "slots_per_layer": list(ctl.slots_per_layer),
         "peak_expert_bytes": ctl.peak_slots * ctl.slot_bytes, "profile": hw.name, "model": model_name,
+        "kv_cache_tokens": kv_tokens,
+        **run_notes(replayed_layers=spec.moe_layer_indices, model_layers=spec.num_moe_layers, assumptions=[],
+                    warnings=cache_warnings(policy, ctl)),
         "trace_hash": trace.content_hash() if trace is not None else None,
         "generated": gen.generated,
         "io": io_observed(engine),
@@ -352,7 +363,8 @@ def run_realrun(model: str, prompts: str | os.PathLike[str] | None, policy: str,
     spec = ModelSpec.from_config_file(folder)
     prompt_set = load_prompts(prompts, _tokenizer(folder))
     kv_tokens = max(len(p) for p in prompt_set.token_ids) + max_new_tokens
-    budget_bytes = parse_budget(memory_budget, spec, kv_tokens)
+    budget_bytes = resolve_budget(memory_budget, spec, kv_tokens=kv_tokens, device_memory_bytes=device_memory_bytes(dev),
+                                  device=f"this {dev.type} device").total_bytes
     check_slots(pol, spec, expert_budget(budget_bytes, spec, kv_tokens))
     if progress_total is not None:
         progress_total(len(prompt_set.token_ids) * max_new_tokens)  # one tick per forward step

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "compare": ("sim.compare", "main", "Replay one trace under several policies; one table with speedups."),
     "policies": ("sim.replay_cli", "policies", "List the policy presets and their components."),
     "profiles": ("sim.replay_cli", "profiles", "List the hardware profiles with provenance."),
+    "models": ("sim.replay_cli", "models", "List the built-in model specs (shapes, bytes, MoE layers)."),
     "analyze": ("sim.analysis.cli", "analyze", "Routing analyses: local routing consistency, predictors."),
     "train-estimator": ("sim.analysis.cli", "train_estimator", "Train the learned next-layer expert estimator."),
     "sweep": ("sim.analysis.cli", "sweep", "Replay the cartesian product of a grid of configurations."),

@@ -10,6 +10,7 @@ The look-ahead probabilities and the future-access index are computed on first u
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -62,7 +63,16 @@ class Workload:
 
     @property
     def has_lookahead(self) -> bool:
-        return self.lookahead_logits is not None
+        """Whether look-ahead probabilities exist: from recorded logits, or given (`with_lookahead_probs`)."""
+        return self.lookahead_logits is not None or self.__dict__.get("lookahead_probs") is not None
+
+    def with_lookahead_probs(self, probs: np.ndarray) -> Workload:
+        """This workload with look-ahead probabilities [D, T, L, E] made elsewhere (the noisy oracle's) in
+        place of the recorded ones; steps, routes and the future index are shared, derived arrays are not."""
+        other = copy.copy(self)
+        other.__dict__["lookahead_probs"] = probs  # what the cached property would hold
+        other.derived = {}
+        return other
 
     @cached_property
     def lookahead_probs(self) -> np.ndarray | None:

@@ -58,7 +58,9 @@ def import_(fmt: str, sources: tuple[Path, ...], out: Path, model_spec: str | No
     mixtral-jsonl  Mario928 *_routing.jsonl / routing_raw.jsonl files (Mixtral-8x7B)
     """
     from traces.format import write_trace
+    from traces.paths import check_output
 
+    check_output(out, inputs=[s for s in sources if s.is_file()], what="--out")
     t = import_trace(fmt, list(sources), model_spec=model_spec, prompt_tokens=prompt_tokens)
     write_trace(t, out)
     click.echo(_done(out, t))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +98,7 @@ def train_estimator_arrays(
     lr: float = 1e-2,
     weight_decay: float = 1e-4,
     seed: int = 0,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Fit W [L, D, H, E] and b [L, D, E] on gate inputs [T, L, H] and routed ids [T, L, k].
 
@@ -109,13 +111,14 @@ def train_estimator_arrays(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # deterministic sums, and polite on a shared machine
     try:
-        return _fit(torch, gate_inputs, topk_ids, num_experts, depth, steps, lr, weight_decay)
+        return _fit(torch, gate_inputs, topk_ids, num_experts, depth, steps, lr, weight_decay, progress)
     finally:
         torch.set_num_threads(threads)
 
 
 def _fit(torch, gate_inputs: np.ndarray, topk_ids: np.ndarray, num_experts: int, depth: int, steps: int,
-         lr: float, weight_decay: float) -> tuple[np.ndarray, np.ndarray, float]:
+         lr: float, weight_decay: float,
+         progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """The training loop of `train_estimator_arrays` (torch passed in, imported lazily)."""
     num_tokens, num_layers, hidden = gate_inputs.shape
     if num_tokens == 0:
@@ -152,12 +155,15 @@ def _fit(torch, gate_inputs: np.ndarray, topk_ids: np.ndarray, num_experts: int,
         loss.backward()
         optimiser.step()
         loss_value = float(loss.detach())
+        if progress is not None:
+            progress(1)
     return w.detach().numpy().copy(), b.detach().numpy().copy(), loss_value
 
 
 def train_estimator(trace, depth: int = 2, steps: int = 300, token_mask: np.ndarray | None = None,
-                    seed: int = 0) -> LearnedEstimator:
-    """Train on a `Trace` with gate inputs (optionally only the tokens where `token_mask` [T] is true)."""
+                    seed: int = 0, progress: Callable[[int], None] | None = None) -> LearnedEstimator:
+    """Train on a `Trace` with gate inputs (optionally only the tokens where `token_mask` [T] is true);
+    `progress(1)` after each step."""
     if trace.gate_inputs is None:
         raise UserError(
             f"trace of {trace.model} has no gate_inputs; record one with gate inputs to train an estimator"
@@ -169,7 +175,7 @@ def train_estimator(trace, depth: int = 2, steps: int = 300, token_mask: np.ndar
     if token_mask is not None:
         gate_inputs, topk_ids = gate_inputs[token_mask], topk_ids[token_mask]
     w, b, loss = train_estimator_arrays(gate_inputs, topk_ids, trace.num_experts, depth=depth, steps=steps,
-                                        seed=seed)
+                                        seed=seed, progress=progress)
     metadata = {
         "model": trace.model, "trace_hash": trace.content_hash(), "num_layers": trace.num_moe_layers,
         "depth": depth, "hidden_size": int(gate_inputs.shape[2]), "num_experts": trace.num_experts,

@@ -1,6 +1,7 @@
 """Local routing consistency (Liang et al., ICLR 2026) and the cache hit rates it bounds.
 
-How stable is a layer's routing over a few consecutive tokens? Two numbers answer it (DESIGN §8):
+How stable is a layer's routing over a few consecutive tokens? Two numbers answer it (Liang et al.; the
+definitions below are the ones this project uses, README "Local routing consistency"):
 
 * **SRP** (segment routing best performance). Slide a window of m tokens (stride 1, never across a
   sequence boundary) over each sequence; f(e) is how many of the window's tokens route to expert e. Predict
@@ -28,7 +29,7 @@ Shapes: T tokens, L MoE layers, k experts per token, E routed experts, C cache s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -207,6 +208,7 @@ def lrc_report(
     rhos: Sequence[float] = (2,),
     layer_names: Sequence[int] | None = None,
     baselines: bool = True,
+    progress: Callable[[int], None] | None = None,
 ) -> dict:
     """SRP and SCH per layer and for the model, plus LRU/LFU/Belady hit rates at the same cache sizes.
 
@@ -215,7 +217,9 @@ def lrc_report(
     ``{"layers": [{"layer": l, "srp": {"16": x}, "srp_alpha": {"16": a}, "sch": {"2": {"16": y}},
     "sch_static": {"2": {"16": z}},
     "lru": {"2": z}, "lfu": {...}, "belady": {...}}], "model": {same keys}, "params": {...}}``.
+    `progress(1)` is called after each of `lrc_work_units(ms, rhos, baselines)` pieces of work.
     """
+    tick = progress if progress is not None else (lambda n: None)
     topk_ids = np.asarray(topk_ids)
     if topk_ids.ndim != 3:
         raise UserError(f"topk_ids must be [T, L, k], got shape {topk_ids.shape}")
@@ -238,6 +242,7 @@ def lrc_report(
             layers[li].setdefault("srp", {})[str(m)] = value
             layers[li].setdefault("srp_alpha", {})[str(m)] = alpha
         srp_l[str(m)] = srp_from_histogram(pooled)
+        tick(1)
     model["srp"] = {key: v for key, (v, _) in srp_l.items()}
     model["srp_alpha"] = {key: a for key, (_, a) in srp_l.items()}
 
@@ -265,17 +270,25 @@ def lrc_report(
             pairs = [segment_cache_coverage(topk_ids[:, li, :], slices, m, slots, num_experts)
                      for li in range(num_layers)]
             record("sch_static", rho_key, str(m), np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))
+            tick(1)
         if baselines:
             for policy in ("lru", "lfu", "belady"):
                 hits, acc = cache_hits(topk_ids, slices, slots, policy, num_experts)
                 record(policy, rho_key, None, hits, acc)
+                tick(1)
     params = {"m": [int(m) for m in ms], "rho": [float(r) for r in rhos], "top_k": int(k),
               "num_experts": int(num_experts), "num_tokens": int(topk_ids.shape[0]),
               "num_sequences": len(slices)}
     return {"layers": layers, "model": model, "params": params}
 
 
-def trace_lrc(trace, ms: Sequence[int] = (16,), rhos: Sequence[float] = (2,), baselines: bool = True) -> dict:
+def lrc_work_units(ms: Sequence[int], rhos: Sequence[float], baselines: bool) -> int:
+    """How many times `lrc_report` calls `progress(1)`."""
+    return len(ms) + len(rhos) * (len(ms) + (3 if baselines else 0))
+
+
+def trace_lrc(trace, ms: Sequence[int] = (16,), rhos: Sequence[float] = (2,), baselines: bool = True,
+              progress: Callable[[int], None] | None = None) -> dict:
     """`lrc_report` on a `traces.format.Trace`; layers are named by their decoder index."""
     report = lrc_report(
         np.asarray(trace.topk_ids),
@@ -285,6 +298,7 @@ def trace_lrc(trace, ms: Sequence[int] = (16,), rhos: Sequence[float] = (2,), ba
         rhos=rhos,
         layer_names=trace.model_config.moe_layer_indices,
         baselines=baselines,
+        progress=progress,
     )
     report["params"]["model"] = trace.model
     report["params"]["trace_hash"] = trace.content_hash()

@@ -9,7 +9,9 @@ Two questions, both answered by replaying a trace (`sim.replay.replay`) with the
 * **budget** (`--budget SIZE`): every policy at that budget; the answer is the fastest decode.
 
 The routing comes from `--trace`, or else from a trace in `traces/data/` whose routing structure (MoE
-layers, experts, top-k) matches the model, replayed with the model's shapes (`--as-model`).
+layers, experts, top-k) matches the model, replayed with the model's shapes (`--as-model`). Budgets are
+those of `replay` (sim/budget.py: resident part with the KV cache of the trace's longest sequence, plus
+expert slots), at most the profile's device memory; `--set` applies to every policy considered.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sim.budget import resolve_budget
+from sim.layersubset import layer_coverage
+from sim.units import format_bytes
 from traces.errors import UserError
 
 DEFAULT_RUNNER = "sim.replay:replay"
@@ -54,8 +59,6 @@ class PlanResult:
 
     def table(self) -> str:
         """Plain-text table, one policy per line, best first."""
-        from sim.units import format_bytes
-
         lines = [f"{'policy':<20} {'budget':>12} {'experts':>8} {'decode tok/s':>13} {'prefill tok/s':>14} "
                  f"{'replays':>7}  note"]
         for r in self.rows:
@@ -97,48 +100,83 @@ def _resolve_runner(runner: Callable[..., dict] | str) -> Callable[..., dict]:
 
 def plan(model: str, hw: str, target_decode: float | None = None, budget: str | None = None,
          trace: str | os.PathLike[str] | None = None, policies: Sequence[str] | None = None,
-         runner: Callable[..., dict] | str = DEFAULT_RUNNER) -> PlanResult:
-    """Answer a capacity question (module docstring); exactly one of `target_decode` and `budget`."""
+         runner: Callable[..., dict] | str = DEFAULT_RUNNER, overrides: dict[str, Any] | None = None,
+         layers_subset: bool = False, quiet: bool = True) -> PlanResult:
+    """Answer a capacity question (module docstring); exactly one of `target_decode` and `budget`.
+
+    `overrides` (as `--set`) apply to every policy; a budget is read as `replay` reads it
+    (sim/budget.py: the KV cache of the trace's longest sequence) and must fit the profile's device."""
     from sim.hardware import load_profile
     from sim.modelspec import get_model_spec
     from sim.policies.presets import build_policy
-    from sim.units import format_bytes, parse_budget
+    from sim.progress import progress_bar
     from traces.format import read_trace
 
     if (target_decode is None) == (budget is None):
         raise UserError("give exactly one of --target-decode TOKENS_PER_S and --budget SIZE")
     if target_decode is not None and target_decode <= 0:
         raise UserError(f"--target-decode must be more than 0 tokens/s, got {target_decode}")
+    overrides = dict(overrides or {})
     spec = get_model_spec(model)
     profile = load_profile(hw)
     policies = list(policies) if policies else default_policies()
     for name in policies:
-        build_policy(name)
+        build_policy(name, overrides)
     trace_path = Path(trace) if trace is not None else find_trace_for(spec)
     if not trace_path.is_file():
         raise UserError(f"trace file {trace_path} does not exist")
     tr = read_trace(trace_path)
     as_model = None if tr.model == spec.name else spec.name
     replay = _resolve_runner(runner)
+    extra: dict[str, Any] = {}
     if runner == DEFAULT_RUNNER:
-        from sim.replay import load
+        from sim.replay import load, resolve_spec
 
         routing: Any = load(tr)  # steps and hash prepared once for the many replays of the bisection
+        spec = resolve_spec(tr, as_model, layers_subset)  # a layer subset replays a model of those layers
+        kv_tokens = routing.workload.max_context
+        extra = {"layers_subset": layers_subset, "budget_option": "--budget"}
     else:
+        from sim.workload import build_workload
+
         routing = tr
-    resident = spec.resident_bytes(0)
+        kv_tokens = build_workload(tr).max_context
+    resident = spec.resident_bytes(kv_tokens)
     routed = spec.routed_expert_bytes_total("bf16")
 
     def share(nbytes: int) -> float:
         return max(0.0, min(1.0, (nbytes - resident) / routed)) if routed else 0.0
 
-    def run(policy: str, nbytes: int) -> dict[str, Any]:
-        return replay(routing, policy=policy, hw=profile, memory_budget=str(int(nbytes)), as_model=as_model,
-                      overrides={})
+    bar = progress_bar(None, "plan", "replay", quiet)
 
+    def run(policy: str, nbytes: int) -> dict[str, Any]:
+        bar.set_postfix_str(f"{policy} {format_bytes(nbytes)}")
+        try:
+            return replay(routing, policy=policy, hw=profile, memory_budget=str(int(nbytes)), as_model=as_model,
+                          overrides=overrides, **extra)
+        finally:
+            bar.update(1)
+
+    try:
+        result = _answer(spec, profile, policies, target_decode, budget, trace_path, run, share, resident, routed,
+                         kv_tokens)
+    finally:
+        bar.close()
+    coverage = layer_coverage(tr)
+    if coverage.partial:
+        result.answer += (f" [{coverage.note()} replayed: budgets and speeds are those of a model made of "
+                          f"decoder layers {list(coverage.logged)} only]")
+    return result
+
+
+def _answer(spec, profile, policies: list[str], target_decode: float | None, budget: str | None, trace_path: Path,
+            run: Callable[[str, int], dict[str, Any]], share: Callable[[int], float], resident: int, routed: int,
+            kv_tokens: int) -> PlanResult:
+    """The replays behind a plan: every policy at `budget`, or a bisection per policy for `target_decode`."""
     rows: list[PolicyAnswer] = []
     if budget is not None:
-        nbytes = parse_budget(budget, spec)
+        nbytes = resolve_budget(budget, spec, kv_tokens=kv_tokens, device_memory_bytes=profile.memory_bytes,
+                                device=f"profile {profile.name}", option="--budget").total_bytes
         for name in policies:
             try:
                 m = run(name, nbytes)

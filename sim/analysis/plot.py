@@ -212,13 +212,13 @@ def read_timeline(path: str | os.PathLike[str]) -> tuple[dict[tuple, str], list[
 
 
 def plot_timeline(path: str | os.PathLike[str], out_dir: Path, window_s: float | None = None,
-                  start_s: float = 0.0) -> Path:
+                  start_s: float = 0.0, data: tuple[dict[tuple, str], list[dict]] | None = None) -> Path:
     """Gantt of the timeline's spans from `start_s` (after the first event) for `window_s` seconds
-    (default: long enough for DEFAULT_TIMELINE_EVENTS events)."""
+    (default: long enough for DEFAULT_TIMELINE_EVENTS events); `data`: `read_timeline(path)` if read."""
     plt = _pyplot()
     from matplotlib.patches import Patch
 
-    names, spans = read_timeline(path)
+    names, spans = data if data is not None else read_timeline(path)
     if not spans:
         raise UserError(f"timeline {path} has no complete ('X') events to draw")
     t0 = min(float(e["ts"]) for e in spans)
@@ -263,19 +263,25 @@ def plot_results(results: str | os.PathLike[str] | None, out_dir: str | os.PathL
                  start_s: float = 0.0) -> list[Path]:
     """`fatesim plot`: every figure the inputs allow, into `out_dir` (created if missing); returns the paths."""
     from sim.analysis.sweep import read_results
+    from traces.paths import check_output_folder
 
-    out = Path(out_dir)
+    if results is None and timeline is None:
+        raise UserError("give a results file (from `fatesim sweep`), a --timeline file, or both")
+    if window_s is not None and not window_s > 0:
+        raise UserError(f"--window-ms must be more than 0, got {window_s * 1e3:g}")
+    if not start_s >= 0:
+        raise UserError(f"--start-ms must be 0 or more, got {start_s * 1e3:g}")
+    out = check_output_folder(out_dir, what="--out")
+    rows = read_results(results) if results is not None else None  # inputs read (and checked) before any output
+    timeline_data = read_timeline(timeline) if timeline is not None else None
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(f"cannot create output folder {out}: {error.strerror}") from None
-    if results is None and timeline is None:
-        raise UserError("give a results file (from `fatesim sweep`), a --timeline file, or both")
     paths: list[Path] = []
-    if results is not None:
-        rows = read_results(results)
+    if rows is not None:
         paths += plot_throughput(rows, out)
         paths += plot_hit_rate_per_layer(rows, out)
     if timeline is not None:
-        paths.append(plot_timeline(timeline, out, window_s=window_s, start_s=start_s))
+        paths.append(plot_timeline(timeline, out, window_s=window_s, start_s=start_s, data=timeline_data))
     return paths

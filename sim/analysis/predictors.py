@@ -1,7 +1,7 @@
 """How well can each predictor name the experts of a layer before its router runs?
 
 Every predictor scores the E experts of a *target* MoE layer j for each token; we compare its choice with
-the k experts the token really routed to at j. Two ways to choose (DESIGN §8, the Fate paper):
+the k experts the token really routed to at j. Two ways to choose (the Fate paper):
 * **top-k**: the k highest-scoring experts (precision = recall then, both |chosen ∩ routed| / k);
 * **threshold**: every expert whose score is >= τ (Fate prefetches only "confident" experts): precision =
   |chosen ∩ routed| / |chosen|, recall = |chosen ∩ routed| / |routed|. Scores are probabilities.
@@ -30,7 +30,7 @@ Also: cosine similarity of adjacent layers' gate inputs (when recorded), and per
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -186,13 +186,15 @@ def adjacent_cosine(gate_inputs: np.ndarray) -> list[float]:
 
 
 def predictor_report(trace, threshold: float = DEFAULT_THRESHOLD, estimator=None, estimator_depth: int = 2,
-                     estimator_steps: int = 300, predictors: Sequence[str] | None = None) -> dict:
+                     estimator_steps: int = 300, predictors: Sequence[str] | None = None,
+                     progress: Callable[[int], None] | None = None) -> dict:
     """Per-layer precision/recall of every available predictor on a `Trace` (see the module docstring).
 
     `estimator` is a `LearnedEstimator` to evaluate (else one is trained on the library split when the
     trace has gate inputs). `predictors` restricts the families: among "gate", "path", "popularity",
     "learned", "oracle". JSON: ``{"layers": [{"layer", "predictors": {name: {"prefill": ..., "decode": ...}},
     "cosine_next", "skew"}], "model": {"predictors": ...}, "params": ...}``; values are fractions.
+    `progress(1)` after each training step of a fresh estimator (`will_train` says if one is) and each layer.
     """
     families = set(predictors or ("gate", "path", "popularity", "learned", "oracle"))
     unknown = families - {"gate", "path", "popularity", "learned", "oracle"}
@@ -216,7 +218,8 @@ def predictor_report(trace, threshold: float = DEFAULT_THRESHOLD, estimator=None
     if "learned" in families and estimator is None and trace.gate_inputs is not None and library.any():
         from sim.analysis.estimator import train_estimator
 
-        estimator = train_estimator(trace, depth=estimator_depth, steps=estimator_steps, token_mask=library)
+        estimator = train_estimator(trace, depth=estimator_depth, steps=estimator_steps, token_mask=library,
+                                    progress=progress)
     if estimator is not None and estimator.num_experts != num_experts:
         raise UserError(f"estimator predicts {estimator.num_experts} experts, the trace has {num_experts}")
 
@@ -262,6 +265,8 @@ def predictor_report(trace, threshold: float = DEFAULT_THRESHOLD, estimator=None
                     acc[key] += value
         entry["skew"] = popularity_skew(ids[:, j], num_experts, k)
         layers_out.append(entry)
+        if progress is not None:
+            progress(1)
     if trace.gate_inputs is not None:
         for j, cos in enumerate(adjacent_cosine(np.asarray(trace.gate_inputs))):
             layers_out[j]["cosine_next"] = cos
@@ -278,6 +283,13 @@ def predictor_report(trace, threshold: float = DEFAULT_THRESHOLD, estimator=None
               "evaluation_decode_tokens": int((~prefill).sum()), "model": trace.model,
               "estimator": (estimator.metadata if estimator is not None else None)}
     return {"layers": layers_out, "model": model, "params": params}
+
+
+def will_train(trace, estimator, predictors: Sequence[str] | None) -> bool:
+    """Whether `predictor_report` trains an estimator first (its progress then counts the steps too)."""
+    families = set(predictors or ("gate", "path", "popularity", "learned", "oracle"))
+    library, _ = split_library(trace.sequence_slices(), trace.num_tokens)
+    return "learned" in families and estimator is None and trace.gate_inputs is not None and bool(library.any())
 
 
 def format_predictors(report: dict) -> str:

@@ -6,8 +6,10 @@ A grid is a TOML file; every key takes a list (a scalar means a list of one):
 policy = ["lod", "lru", "fate"]            # presets (`fatesim policies`)
 budget = ["10%", "25%", "6GiB"]            # fast-memory budgets (sim.units.parse_budget)
 profile = ["rtx3090-bound"]                # hardware profiles (`fatesim profiles`) or .toml paths
-link_bandwidth = ["12GB", "25GB"]          # per second; overrides the profile's link (omit: the profile's)
+link_bandwidth = ["12GB", "25GB"]          # bytes per second (a number, or a size with a unit, read per
+                                           # second); overrides the profile's link (omit: the profile's)
 as_model = ["none", "qwen1.5-moe-a2.7b"]   # replay with a larger model's shapes ("none": the trace's own)
+layers_subset = true                       # a trace of some of its model's MoE layers: replay just those
 estimator = ["est.safetensors"]            # learned-predictor weights (`fatesim train-estimator`), for
                                            # policies with prediction=learned ("none": no estimator)
 [set]                                      # any `--set key=value` of the policies
@@ -43,7 +45,7 @@ from typing import Any
 from traces.atomic import atomic_output
 from traces.errors import UserError
 
-GRID_KEYS = ("policy", "budget", "profile", "link_bandwidth", "as_model", "estimator", "set")
+GRID_KEYS = ("policy", "budget", "profile", "link_bandwidth", "as_model", "estimator", "layers_subset", "set")
 CACHE_VERSION = 1
 """Bump when the meaning of cached metrics changes: old entries are then ignored."""
 DEFAULT_RUNNER = "sim.replay:replay"
@@ -66,6 +68,8 @@ class SweepConfig:
     """Sorted (key, value) pairs for `build_policy(policy, overrides)`."""
     estimator: str | None = None
     """Path of a learned estimator (safetensors) injected as the `learned` predictor's score_fn."""
+    layers_subset: bool = False
+    """Replay a trace of some of its model's MoE layers as a model of those layers (sim/layersubset.py)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (overrides as a dict)."""
@@ -131,16 +135,19 @@ def parse_grid(text: str, source: str = "<grid>") -> list[SweepConfig]:
                  for m in _as_list("as_model", data.get("as_model", "none"))]
     estimators = [None if str(e).lower() in ("none", "") else str(e)
                   for e in _as_list("estimator", data.get("estimator", "none"))]
+    subsets = _as_list("layers_subset", data.get("layers_subset", False))
+    if not all(isinstance(v, bool) for v in subsets):
+        raise UserError(f"grid {source}: layers_subset must be true or false")
     sets = data.get("set", {})
     if not isinstance(sets, dict):
         raise UserError(f"grid {source}: 'set' must be a table of policy keys, e.g. [set] int2_rate = [0.3, 0.5]")
     set_keys = sorted(sets)
     set_values = [_as_list(f"set.{key}", sets[key]) for key in set_keys]
     configs = []
-    for policy, budget, profile, bw, as_model, estimator, *values in itertools.product(
-            policies, budgets, profiles, bandwidths, as_models, estimators, *set_values):
+    for policy, budget, profile, bw, as_model, estimator, subset, *values in itertools.product(
+            policies, budgets, profiles, bandwidths, as_models, estimators, subsets, *set_values):
         overrides = tuple(zip(set_keys, values, strict=True))
-        configs.append(SweepConfig(policy, budget, profile, bw, as_model, overrides, estimator))
+        configs.append(SweepConfig(policy, budget, profile, bw, as_model, overrides, estimator, subset))
     return configs
 
 
@@ -154,11 +161,13 @@ def read_grid(path: str | os.PathLike[str]) -> list[SweepConfig]:
 
 
 def check_configs(configs: Iterable[SweepConfig], trace) -> None:
-    """Refuse names that can never work (unknown preset, key, profile, model, budget) before any runs."""
+    """Refuse names that can never work (unknown preset, key, profile, model, unreadable budget) before any
+    runs. A budget above a profile's device memory is not refused here: that configuration fails with the
+    reason and the others run."""
+    from sim.budget import resolve_budget
     from sim.hardware import load_profile
     from sim.modelspec import ModelSpec, get_model_spec
     from sim.policies.presets import build_policy
-    from sim.units import parse_budget
 
     seen: set[tuple] = set()
     for c in configs:
@@ -169,7 +178,7 @@ def check_configs(configs: Iterable[SweepConfig], trace) -> None:
         build_policy(c.policy, {k: str(v) if isinstance(v, (int, float, bool)) else v for k, v in c.overrides})
         load_profile(c.profile)
         spec = get_model_spec(c.as_model) if c.as_model else ModelSpec.from_trace(trace)
-        parse_budget(c.budget, spec)
+        resolve_budget(c.budget, spec, kv_tokens=0, option="grid key 'budget'")
         if c.estimator is not None and not Path(c.estimator).is_file():
             raise UserError(f"estimator file {c.estimator} does not exist; train one with `fatesim train-estimator`")
 
@@ -219,6 +228,10 @@ def run_config(trace_path: str, config: SweepConfig, runner: Runner | str = DEFA
 
             raw = trace.trace if prepared else trace
             extra["score_fn"] = make_score_fn(load_estimator(config.estimator), raw)
+        if prepared:
+            extra["budget_option"] = "grid key 'budget'"
+        if config.layers_subset:
+            extra["layers_subset"] = True
         metrics = _resolve_runner(runner)(trace, policy=config.policy, hw=hw, memory_budget=config.budget,
                                           as_model=config.as_model, overrides=overrides, **extra)
         return {"status": "ok", "metrics": metrics, "elapsed_s": time.perf_counter() - started}
@@ -245,7 +258,8 @@ def flatten_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 def _config_columns(config: SweepConfig, config_hash: str) -> dict[str, Any]:
     row = {"config_hash": config_hash, "policy": config.policy, "budget": config.budget,
            "profile": config.profile, "link_bandwidth_bytes_per_s": config.link_bandwidth_bytes_per_s,
-           "as_model": config.as_model or "", "estimator": config.estimator or ""}
+           "as_model": config.as_model or "", "estimator": config.estimator or "",
+           "layers_subset": config.layers_subset}
     for key, value in config.overrides:
         row[f"set.{key}"] = value
     return row
@@ -282,7 +296,8 @@ def _execute(todo: list[tuple[int, SweepConfig]], trace_path: str, trace_hash: s
              on_done: Callable[[int, dict], None]) -> None:
     from tqdm import tqdm
 
-    bar = tqdm(total=len(todo), desc="sweep", unit="config", disable=not progress or not todo, dynamic_ncols=True)
+    bar = tqdm(total=len(todo), desc="sweep", unit="config", dynamic_ncols=True,
+               disable=True if not progress or not todo else None)  # None: silent when stderr is no terminal
     try:
         if ray_address is not None:
             _check_ray_address(ray_address)
@@ -452,34 +467,44 @@ def read_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"results file {path} does not exist; run `fatesim sweep` first")
+    if p.suffix.lower() not in (".csv", ".parquet"):
+        raise UserError(f"results file {path} must end in .csv or .parquet")
+    not_results = f"results file {path} is not a {p.suffix.lower()[1:]} table written by `fatesim sweep`"
     if p.suffix.lower() == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(p).to_pylist()
-    if p.suffix.lower() != ".csv":
-        raise UserError(f"results file {path} must end in .csv or .parquet")
-
-    def parse(value: str) -> Any:
-        if value == "":
-            return None
         try:
-            number = float(value)
-        except ValueError:
-            return value
-        return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
+            rows = pq.read_table(p).to_pylist()
+        except (pa.ArrowException, OSError) as error:
+            raise UserError(f"{not_results} ({' '.join(str(error).split())[:120]})") from None
+    else:
+        def parse(value: str) -> Any:
+            if value == "":
+                return None
+            try:
+                number = float(value)
+            except ValueError:
+                return value
+            return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
 
-    with open(p, newline="") as handle:
-        return [{key: parse(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+        try:
+            with open(p, newline="", encoding="utf-8") as handle:
+                rows = [{key: parse(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+        except (UnicodeDecodeError, csv.Error) as error:
+            raise UserError(f"{not_results} ({error.__class__.__name__}: {' '.join(str(error).split())[:120]})") from None
+    if rows and not {"policy", "status"} <= set(rows[0]):
+        raise UserError(f"{not_results} (no 'policy' and 'status' columns)")
+    return rows
 
 
 def sweep(trace: str, grid: str, out: str, workers: int = 1, ray_address: str | None = None,
           cache_dir: str | None = None, progress: bool = True, runner: Runner | str = DEFAULT_RUNNER) -> SweepOutcome:
     """`fatesim sweep`: read the grid, run what is new, write the results file."""
-    if Path(out).suffix.lower() not in (".csv", ".parquet"):
-        raise UserError(f"results file {out} must end in .csv or .parquet")
+    from traces.paths import check_output
+
+    check_output(out, inputs=[trace, grid], suffixes=(".csv", ".parquet"), what="--out")
     folder = Path(out).parent if str(Path(out).parent) else Path(".")
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise UserError(f"cannot write {out}: folder {folder} does not exist or is not writable")
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
     configs = read_grid(grid)

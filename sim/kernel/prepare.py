@@ -21,7 +21,7 @@ from sim.kernel.state import (
     Settings,
 )
 from sim.policies.controller import OffloadController
-from sim.policies.requirements import loaded_precisions
+from sim.policies.requirements import loaded_precisions, needs_lookahead
 from sim.workload import Workload
 
 _NONE_I64 = np.zeros(1, np.int64)
@@ -43,7 +43,7 @@ def settings(ctl: OffloadController, costs: CostModel, prefill_depth: int) -> Se
         preload_precision=_precision_code(loaded_precisions(policy)[0]), int2_rate=float(policy.int2_rate),
         confidence=float(policy.confidence), prefetch_count=int(policy.prefetch_count),
         fate_count=int(ctl.prefetch.fate_decode_count),
-        lookahead_limit=int(ctl.prediction_limit if policy.prediction == "crosslayer" else ctl.spec.top_k),
+        lookahead_limit=int(ctl.spec.top_k if policy.prediction == "speculative" else ctl.prediction_limit),
         prefill_depth=prefill_depth, depth=int(policy.lookahead), top_k=int(ctl.spec.top_k),
         cancel_stale=bool(policy.cancel_stale), serial_loads=bool(policy.serial_loads),
         copy_engines=int(hw.link.copy_engines), predictor_latency_s=float(hw.cpu.predictor_latency_s),
@@ -76,7 +76,7 @@ def inputs(workload: Workload, ctl: OffloadController, costs: CostModel) -> tupl
         attention_s[i], shared_s[i] = attention[(n, c)], shared[n]
     expert_bytes = np.array([spec.expert_bytes(p) for p in PRECISIONS], np.int64)
     transfer_s = np.array([costs.transfer_s(int(b)) for b in expert_bytes])
-    lookahead = policy.prediction in ("crosslayer", "speculative") and policy.prefetch != "none"
+    lookahead = needs_lookahead(policy)
     probs = workload.lookahead_probs if lookahead else np.zeros((1, 1, 1, 1), np.float32)
     prefill_depth = min(policy.lookahead, probs.shape[0]) if lookahead else 1
     prefill = (_prefill_predictions(workload, prefill_depth, spec.top_k) if lookahead

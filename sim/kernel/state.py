@@ -24,7 +24,7 @@ HYBRID = 4
 
 EVICTIONS = {"lru": 0, "lfu": 1, "arc": 2, "belady": 3, "none": 4}
 LRU, LFU, ARC, BELADY, NO_REUSE = 0, 1, 2, 3, 4
-PREDICTIONS = {"none": 0, "crosslayer": 1, "speculative": 1, "oracle": 2}
+PREDICTIONS = {"none": 0, "crosslayer": 1, "speculative": 1, "noisy-oracle": 1, "oracle": 2}
 NO_PREDICTION, LOOKAHEAD, ORACLE = 0, 1, 2
 PREFETCHES = {"none": 0, "fate": 1, "topk": 2, "all": 3}
 NO_PREFETCH, FATE, TOPK, ALL = 0, 1, 2, 3

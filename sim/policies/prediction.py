@@ -17,6 +17,9 @@ a predicted token count). Predictors see only what a real system would see at th
   through the gates of the next `lookahead` layers, top-k of each; the miss policy `speculated` may then
   execute these experts instead of missing routed ones.
 - `oracle`: the experts the trace actually routes to at l+1.., by token count.
+- `noisy-oracle`: the cross-layer predictor reading look-ahead signals that the simulator makes from the
+  trace's future routing at an assumed recall (`predictor_recall`; sim/policies/noisy_oracle.py): how
+  the look-ahead policies would do on traces without look-ahead logits. Simulator only.
 - `learned`: scores from an injected callable `score_fn(layer, signals) -> [E] scores for layer + 1`
   (the learned estimator of sim.analysis plugs in here).
 """
@@ -32,11 +35,12 @@ import numpy as np
 from sim.policies.eviction import FutureAccess
 from traces.errors import UserError
 
-PREDICTIONS = ("none", "crosslayer", "eap", "speculative", "oracle", "learned")
+PREDICTIONS = ("none", "crosslayer", "eap", "speculative", "oracle", "learned", "noisy-oracle")
 """Valid predictor names."""
 
-NEEDS_LOOKAHEAD = ("crosslayer", "speculative")
-"""Predictors that read look-ahead logits (a trace without them cannot drive these)."""
+NEEDS_LOOKAHEAD = ("crosslayer", "speculative", "noisy-oracle")
+"""Predictors that read look-ahead signals: the trace's look-ahead logits (crosslayer, speculative; a trace
+without them cannot drive these) or the noisy oracle's, which the replay makes from the trace's routing."""
 
 
 @dataclass
@@ -119,7 +123,7 @@ class LookaheadPredictor:
                 break
             p = probs[d]  # [n, E]
             if p.shape[0] == 1:  # decode: by probability
-                experts, values = _rank(p[0], self.limit if self.name == "crosslayer" else self.top_k)
+                experts, values = _rank(p[0], self.top_k if self.name == "speculative" else self.limit)
             else:  # prefill: by predicted popularity
                 experts, values = _rank(predicted_counts(p, self.top_k), self.num_experts)
             out.append(Prediction(target, experts, values))
@@ -264,6 +268,12 @@ def _oracle(name: str, a: PredictorInputs) -> Predictor:
     return OraclePredictor(a.num_layers, a.depth, a.future)
 
 
+def _noisy_oracle(name: str, a: PredictorInputs) -> Predictor:
+    if a.future is None:
+        raise UserError("predictor 'noisy-oracle' reads the trace's future routing: the simulator has it, realrun not")
+    return LookaheadPredictor(name, a.num_layers, a.num_experts, a.top_k, a.depth, a.limit or a.num_experts)
+
+
 def _learned(name: str, a: PredictorInputs) -> Predictor:
     if a.score_fn is None:
         raise UserError("predictor 'learned' needs a trained estimator (score_fn); see `fatesim train-estimator`")
@@ -276,6 +286,7 @@ BUILDERS: dict[str, Callable[[str, PredictorInputs], Predictor]] = {
                                                      a.limit or a.num_experts),
     "speculative": lambda name, a: LookaheadPredictor(name, a.num_layers, a.num_experts, a.top_k, a.depth,
                                                       a.limit or a.num_experts),
+    "noisy-oracle": _noisy_oracle,
     "eap": lambda name, a: EapPredictor(a.num_layers, a.num_experts, a.top_k, a.depth, a.eap_history),
     "oracle": _oracle,
     "learned": _learned,

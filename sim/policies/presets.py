@@ -53,6 +53,11 @@ class PolicyConfig:
     serial_loads: bool = False
     """On-demand loads of a layer step do not overlap compute: each starts once the expert computed before it
     in the step has finished (a serial load-compute loop, as in simple offloading baselines)."""
+    predictor_recall: float | str = 0.84
+    """noisy-oracle prediction: share of routed experts predicted (sim/policies/noisy_oracle.py), or the path
+    of an `analyze predictors --json` report giving it per layer."""
+    predictor_seed: int = 0
+    """noisy-oracle prediction: seed of its random draws."""
     description: str = ""
     source: str = ""
 
@@ -74,7 +79,8 @@ BOOLEAN_KEYS = ("cancel_stale", "serial_loads")
 
 RANGES: dict[str, tuple[float, float]] = {
     "int2_rate": (0.0, 1.0), "confidence": (0.0, 1.0), "lookahead": (1, 8), "prefetch_count": (0, 1024),
-    "shallow_layers": (-1, 1024), "eap_history": (1, 1 << 20),
+    "shallow_layers": (-1, 1024), "eap_history": (1, 1 << 20), "predictor_recall": (0.0, 1.0),
+    "predictor_seed": (0, 2**31 - 1),
 }
 """Inclusive ranges of the numeric keys."""
 
@@ -155,6 +161,8 @@ def _parse_value(key: str, text: Any, default: Any) -> Any:
         if value not in CHOICES[key]:
             raise UserError(f"--set {key}={text}: not a valid value; choose one of {', '.join(CHOICES[key])}")
         return value == "true" if key in BOOLEAN_KEYS else value
+    if key == "predictor_recall" and isinstance(text, str) and text.strip().lower().endswith(".json"):
+        return text.strip()  # per-layer recall from an `analyze predictors --json` report (read by the replay)
     low, high = RANGES[key]
     kind = type(default)
     try:

@@ -13,7 +13,9 @@ from traces.format import write_trace
 
 MODEL = "qwen1.5-moe-a2.7b"
 SPEC = get_model_spec(MODEL)
-RESIDENT = SPEC.resident_bytes(0)
+SEQ_LEN = 4
+RESIDENT = SPEC.resident_bytes(SEQ_LEN)
+"""What replay (sim/budget.py) counts as resident: the KV cache of the trace's longest sequence included."""
 ROUTED = SPEC.routed_expert_bytes_total("bf16")
 SPEED = {"lod": 10.0, "fate": 20.0}
 
@@ -31,7 +33,7 @@ def linear_runner(trace, *, policy, hw, memory_budget, as_model, overrides) -> d
 @pytest.fixture
 def trace_file(tmp_path):
     path = tmp_path / "q.safetensors"
-    write_trace(make_structured_trace(num_sequences=2, seq_len=4, num_layers=24, num_experts=60, top_k=4,
+    write_trace(make_structured_trace(num_sequences=2, seq_len=SEQ_LEN, num_layers=24, num_experts=60, top_k=4,
                                       hidden=8), path)
     return path
 

@@ -45,8 +45,8 @@ def test_plan_with_replay(tmp_path) -> None:
     path = tmp_path / "q.safetensors"
     write_trace(trace, path)
     speed = {b: replay(trace, policy="lru", hw="rtx3090-bound", memory_budget=b)["decode_tokens_per_s"]
-             for b in ("10%", "100%")}
-    target = (speed["10%"] + speed["100%"]) / 2
+             for b in ("10%", "85%")}  # 100% of Qwen1.5-MoE (26.7 GiB) does not fit the RTX 3090's 24 GiB
+    target = (speed["10%"] + speed["85%"]) / 2
     result = plan("qwen1.5-moe-a2.7b", "rtx3090-bound", target_decode=target, trace=path, policies=["lru"])
     row = result.rows[0]
     assert row.policy == "lru" and row.decode_tokens_per_s >= target

@@ -14,7 +14,7 @@ def tiny_profile(**link_and_cpu) -> HardwareProfile:
     """1 GB/s link with 1 µs latency, 1 TFLOP/s + 1 GB/s GPU (so an expert's compute is its bytes / 1e9)."""
     data = {
         "name": "tiny", "description": "round numbers for hand-computed tests", "provenance": "test",
-        "device": {"kind": "cuda", "memory_bytes": 1 << 30},
+        "device": {"kind": "cuda", "memory_bytes": 1 << 40},  # room for any budget the tests give
         "link": {"bandwidth_bytes_per_s": 1.0e9, "latency_s": 1.0e-6, "copy_engines": 1},
         "gpu": {"matmul_flops_per_s": 1.0e12, "memory_bytes_per_s": 1.0e9, "kernel_launch_s": 1.0e-6,
                 "layer_overhead_s": 0.0},

@@ -91,7 +91,7 @@ def test_as_model_replays_with_another_models_shapes() -> None:
     (dict(hw="nope"), "unknown hardware profile 'nope'"),
     (dict(memory_budget="1MB"), "plus one layer's top-1 experts"),
     (dict(as_model="mixtral-8x7b"), "pick a model with the same routing structure"),
-    (dict(policy="fate"), "lacks; use --set prediction=eap"),
+    (dict(policy="fate"), "lacks; use --set prediction=noisy-oracle"),
     (dict(overrides={"eviction": "fifo"}, policy="lru"), "choose one of lru, lfu, arc, belady, none"),
 ])
 def test_bad_input_is_a_one_line_user_error(kwargs: dict, message: str) -> None:

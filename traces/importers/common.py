@@ -161,7 +161,8 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 def field(path: Path, number: int, obj: dict[str, Any], key: str) -> Any:
     """obj[key], or a UserError naming the file, line and missing key."""
     if key not in obj:
-        raise UserError(f"{path}:{number}: row lacks {key!r}; is this the right --format?")
+        raise UserError(f"{path}:{number}: row lacks {key!r}; is this the right FORMAT (the first argument of "
+                        "`fatesim trace import`: esft, vllm-jsonl or mixtral-jsonl)?")
     return obj[key]
 
 
