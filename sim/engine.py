@@ -1,6 +1,6 @@
 """The reference engine: one GPU stream, the copy engines and the CPU predictor replaying forward steps.
 
-Per MoE layer of every forward step (DESIGN §6):
+Per MoE layer of every forward step (README, "Engine semantics"):
 
     GPU stream   attention ──▶ router ──▶ experts: hits first, then each miss as its bytes arrive ──▶ shared experts
                        │ gate input         │ on-demand loads

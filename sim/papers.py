@@ -77,8 +77,8 @@ SPECULATE_FIGURES = (
 """As quoted in issue 13 (the paper's models and budgets are not stated there)."""
 
 LRC_FIGURES = {
-    # model in the paper -> (SRP m=16, SCH rho=2 m=16), percent; the LRC paper's tables as quoted in this
-    # project's design brief (DESIGN section 8) and README
+    # model in the paper -> (SRP m=16, SCH rho=2 m=16), percent: Liang et al., "Local routing consistency"
+    # (ICLR 2026), SRP from its table, SCH read from its figure (approximate)
     "Qwen1.5-MoE": (30.71, 46.0),
     "DeepSeekMoE": (36.94, 57.0),
     "Mixtral-8x7B": (49.36, 74.0),

@@ -169,6 +169,6 @@ def format_lrc_table(result: dict[str, Any]) -> str:
         lines.append(f"{r['trace']:<15} {r['paper_model']:<13} {r['srp_paper']:>9.2f} {r['srp']:>6.2f} "
                      f"{r['srp'] - r['srp_paper']:>+6.2f}p {r['sch_paper']:>9.1f} {r['sch']:>6.2f} "
                      f"{r['sch'] - r['sch_paper']:>+6.2f}p {r['sch_static']:>10.2f}")
-    lines.append("SRP m=16, SCH rho=2 m=16 (percent; error in points). Paper values: the LRC paper as quoted in "
-                 "DESIGN section 8 (SCH approximate); OLMoE has no public log here.")
+    lines.append("SRP m=16, SCH rho=2 m=16 (percent; error in points). Paper values: the LRC paper "
+                 "(Liang et al., ICLR 2026; SCH read from its figure, approximate); OLMoE has no public log here.")
     return "\n".join(lines)

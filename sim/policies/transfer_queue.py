@@ -1,7 +1,7 @@
 """The order in which queued expert transfers start: one rule, shared by the simulated link and realrun.
 
 A transfer waits in the queue from its submission until a copy engine (sim) or the I/O thread (realrun)
-starts it. Each queued transfer has a priority (on-demand loads before prefetches, DESIGN §6) and a ready
+starts it. Each queued transfer has a priority (on-demand loads before prefetches: README, "Engine semantics") and a ready
 time (when it was submitted and its slot is free; realrun's copies are ready when submitted). When an
 engine frees up at time f, it starts, among the transfers ready by f, the best by
 (priority, ready time, submission order); when none is ready yet it idles until the earliest ready time

@@ -1,4 +1,4 @@
-"""An independent SimPy model of DESIGN §6's engine semantics against sim/engine.py (and so the kernel).
+"""An independent SimPy model of the engine semantics (README, "Engine semantics") against sim/engine.py (and so the kernel).
 
 Written from the brief, not from sim/engine.py or sim/link.py: one process per transfer on a SimPy
 `PriorityResource` of copy engines (on-demand before prefetch, then by when the transfer became ready,
@@ -34,7 +34,7 @@ class _Request(simpy.resources.resource.PriorityRequest):
 
 
 class Model:
-    """DESIGN §6 in SimPy; `run()` returns (step start times, step end times, GPU stall s)."""
+    """The engine semantics (README, "Engine semantics") in SimPy; `run()` returns (step start times, step end times, GPU stall s)."""
 
     def __init__(self, workload, ctl: OffloadController, costs: CostModel) -> None:
         self.w, self.ctl, self.costs, self.hw = workload, ctl, costs, costs.hw
