@@ -90,7 +90,8 @@ def moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
     for index, router in find_routers(model):
         block = base.layers[index].mlp
         experts = getattr(block, "experts", None)
-        if experts is None or not hasattr(experts, "gate_up_proj") or block.gate is not router:
+        fused = hasattr(experts, "gate_up_proj") or isinstance(experts, OffloadedExperts)  # meta tensors do too
+        if experts is None or not fused or block.gate is not router:
             raise UserError(f"decoder layer {index}: MoE block without fused experts (gate_up_proj); "
                             "transformers 5.x is required")
         blocks.append((index, block))
