@@ -6,10 +6,10 @@
   blocks (safetensors sorts names, so an expert's down|gate|up usually lie back to back: one read) into a
   page-aligned bounce buffer, and the three matrices are copied out in record order gate|up|down.
 
-  Cost of that extra copy, measured on the 2-core development VM (`python -m realrun.ckptstore`, 20 MiB
-  experts, bf16): an O_DIRECT read of a record runs at ~1.5-2 GB/s, the bounce -> record copy at ~9-12 GB/s,
-  i.e. the copy adds ~15-20% to the read time of a cold record. The DiskStore avoids it by storing
-  records in their final layout, at the price of a second full copy of the experts on disk.
+  Cost of that extra copy, measured on the 2-core development VM (virtio disk, one 16.5 MiB Qwen1.5-MoE
+  bf16 expert record, median of 8): the O_DIRECT read takes 44 ms (0.39 GB/s), the bounce -> record copy
+  2.9 ms (6 GB/s), i.e. the copy adds ~6% to a record's read. The DiskStore avoids it by storing records in
+  their final layout, at the price of a second full copy of the experts on disk.
 - `build_checkpoint_store`: the slow tier a run needs. RAM: every precision packed layer by layer from the
   checkpoint. Disk: `bf16` from `CheckpointStore`; quantised precisions from a store file (the
   `realrun.store` format) built once from the checkpoint, keyed by the checkpoint's fingerprint and the
