@@ -203,12 +203,12 @@ def junit_counts(path: Path) -> dict[str, int] | None:
 
 def bitexact() -> dict[str, Any]:
     """realrun vs transformers on CUDA, lossless presets on the embedded models (see the module docstring)."""
-    import copy
 
     import torch
 
     from realrun.runner import greedy_generate
-    from realrun.session import _tokenizer, load_model, load_prompts, resolve_model_dir, run_offloaded
+    from realrun.session import _tokenizer, load_model, load_prompts, resolve_model_dir, run_streamed
+    from realrun.streaming import load_streaming
     from sim.policies.presets import build_policy
     from traces.promptset import DEFAULT_PROMPTS
 
@@ -222,9 +222,13 @@ def bitexact() -> dict[str, Any]:
         ref = greedy_generate(plain, prompts.token_ids, 8, dev, keep_logits=True)
         for preset, overrides in BITEXACT_PRESETS.items():
             started = time.perf_counter()
-            result, gen = run_offloaded(copy.deepcopy(plain), prompts, model_name=name,
-                                        policy=build_policy(preset, overrides), memory_budget="50%", device=dev,
-                                        store="ram", max_new_tokens=8, keep_logits=True)
+            streamed = load_streaming(folder, dev, "stored", name=name)  # the CLI's path, on the GPU
+            try:
+                result, gen = run_streamed(streamed, prompts, model_name=name,
+                                           policy=build_policy(preset, overrides), memory_budget="50%", device=dev,
+                                           store="ram", max_new_tokens=8, keep_logits=True)
+            finally:
+                streamed.checkpoint.close()
             diff = max(float((a - b).abs().max()) for a, b in zip(gen.logits, ref.logits, strict=True))
             rows.append({"model": name, "preset": preset, "overrides": overrides,
                          "tokens_equal": gen.generated == ref.generated,

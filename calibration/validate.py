@@ -140,19 +140,25 @@ def _validate(*, profile: str, model: str, max_error: float, budgets: str | None
     rows: list[dict[str, Any]] = []
     try:
         def run_real(name: str, budget: str, trace_path: Path | None) -> dict[str, Any]:
-            # realrun's own steps (as run_realrun), calling run_offloaded for store reuse without HQQ's
-            # optimiser: the model is loaded afresh each run because realrun drops its expert weights.
+            # realrun's own steps (as run_realrun), calling run_streamed for store reuse without HQQ's
+            # optimiser: the model is streamed afresh each run because the engine takes its experts apart.
             from realrun.runner import storage_precisions
-            from realrun.session import load_model, load_prompts, run_offloaded
+            from realrun.session import load_prompts, run_streamed
+            from realrun.streaming import load_streaming
 
             prompt_set = load_prompts(prompt_path, _tokenizer(model_folder))
             precisions = "-".join(storage_precisions(policies[name]))
-            result, _ = run_offloaded(
-                load_model(model_folder, _torch_device(device)), prompt_set, model_name=model,
-                policy=policies[name], memory_budget=budget, device=_torch_device(device),
-                store=store_of(name), max_new_tokens=new_tokens,
-                store_path=stores / f"experts-{store_of(name)}-{precisions}.bin", profile=hw,
-                optimize_quant=False, trace_out=trace_path)
+            # streamed from the checkpoint in its own dtype (as before: the profiles were fitted on it)
+            streamed = load_streaming(model_folder, _torch_device(device), "stored", name=model)
+            try:
+                result, _ = run_streamed(
+                    streamed, prompt_set, model_name=model,
+                    policy=policies[name], memory_budget=budget, device=_torch_device(device),
+                    store=store_of(name), max_new_tokens=new_tokens,
+                    store_path=stores / f"experts-{store_of(name)}-{precisions}.bin", profile=hw,
+                    optimize_quant=False, trace_out=trace_path)
+            finally:
+                streamed.checkpoint.close()
             return result
 
         def store_of(name: str) -> str:

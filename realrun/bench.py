@@ -36,7 +36,8 @@ import click
 import torch
 
 from realrun.runner import greedy_generate, storage_precisions
-from realrun.session import Prompts, load_model, run_offloaded
+from realrun.session import Prompts, load_model, run_streamed
+from realrun.streaming import load_streaming
 from sim.modelspec import ModelSpec
 from sim.policies.presets import build_policy
 from sim.units import parse_budget
@@ -138,13 +139,16 @@ def bench_in_ram(folder: Path, prompts: Prompts, new_tokens: int, device: torch.
 
 def bench_realrun(folder: Path, prompts: Prompts, new_tokens: int, policy: str, budget_bytes: int,
                   cache: Path, device: torch.device, store: str) -> dict:
-    model = load_model(folder, device, _dtype(device))
+    streamed = load_streaming(folder, device, str(_dtype(device)).removeprefix("torch."))
     pol = build_policy(policy)
-    tag = "-".join(storage_precisions(pol))  # lod and lru share one store; fate has its own
-    result, gen = run_offloaded(model, prompts, model_name=folder.name, policy=pol, memory_budget=budget_bytes,
-                                device=device, store=store, max_new_tokens=new_tokens,
-                                store_path=cache / f"store-{folder.name}{'-cuda' if device.type == 'cuda' else ''}-{tag}.bin",
-                                optimize_quant=False)
+    tag = "-".join(storage_precisions(pol))  # lod and lru read bf16 from the checkpoint; fate has its own store
+    try:
+        result, gen = run_streamed(streamed, prompts, model_name=folder.name, policy=pol, memory_budget=budget_bytes,
+                                   device=device, store=store, max_new_tokens=new_tokens,
+                                   store_path=cache / f"store-{folder.name}{'-cuda' if device.type == 'cuda' else ''}-{tag}.bin",
+                                   optimize_quant=False)
+    finally:
+        streamed.checkpoint.close()
     keep = ("prefill_tokens_per_s", "decode_tokens_per_s", "hit_rate", "prefetch_precision", "prefetch_recall",
             "gpu_stall_s", "link_busy_fraction", "bytes_transferred", "profile")
     return {**{k: result[k] for k in keep}, "generated": gen.generated}

@@ -100,6 +100,8 @@ class CpuExperts:
             for expert, (top_k_pos, token_idx) in picks.items():
                 gate_up, down = self.weights(layer, expert)
                 x = hid[torch.searchsorted(rows, token_idx)]  # the rows hidden[token_idx] would give
+                if gate_up.dtype != x.dtype:  # records keep the checkpoint's dtype; compute runs in --dtype
+                    gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)
                 y = expert_forward(x, gate_up, down, act_fn, wts[token_idx, top_k_pos, None])
                 out[expert] = (dev.pinned(token_idx), dev.pinned(y))
         end = time.perf_counter()

@@ -48,7 +48,7 @@ from realrun.device import Device, Event, PendingTimes, device_for
 from realrun.experts import OffloadedExperts, expert_forward
 from realrun.loader import Copy, Loader
 from realrun.quant import Dequantizer, ExpertLayout, Int4Matmuls, raw_views
-from realrun.store import DiskStore, SlowStore, aligned_buffer, round_up
+from realrun.store import SlowStore, aligned_buffer, round_up
 from sim.modelspec import ModelSpec
 from sim.policies.controller import LayerPlan, OffloadController, Transfer
 from sim.policies.prediction import Signals
@@ -90,7 +90,8 @@ def moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
     for index, router in find_routers(model):
         block = base.layers[index].mlp
         experts = getattr(block, "experts", None)
-        if experts is None or not hasattr(experts, "gate_up_proj") or block.gate is not router:
+        fused = hasattr(experts, "gate_up_proj") or isinstance(experts, OffloadedExperts)  # meta tensors do too
+        if experts is None or not fused or block.gate is not router:
             raise UserError(f"decoder layer {index}: MoE block without fused experts (gate_up_proj); "
                             "transformers 5.x is required")
         blocks.append((index, block))
@@ -178,7 +179,7 @@ class OffloadEngine:
         self._install()
         self._preload()
         # last: nothing after this may fail and leave the I/O thread running without an owner
-        staging = self.slot_stride if self.dev.separate_memory and isinstance(store, DiskStore) else 0
+        staging = self.slot_stride if self.dev.separate_memory and store.host_staging else 0
         self.loader = Loader(store, self.dev, staging_bytes=staging)
 
     # --- setup -----------------------------------------------------------------------------------
@@ -453,6 +454,8 @@ class OffloadEngine:
             gate_up, down = raw_views(record, layout)  # lossless: compute straight from the slot, no copy
         else:
             gate_up, down = self.dequant[precision].unpack_into(record)
+        if gate_up.dtype != hidden.dtype:  # records keep the checkpoint's dtype; compute runs in --dtype
+            gate_up, down = gate_up.to(hidden.dtype), down.to(hidden.dtype)
         return self._one(hidden, mask, top_k_weights, gate_up, down, act_fn)
 
     @staticmethod

@@ -37,6 +37,7 @@ from realrun.runner import (
     storage_precisions,
 )
 from realrun.store import SlowStore, aligned_buffer
+from realrun.streaming import DTYPE_CHOICES, StreamedModel, load_streaming
 from sim.budget import host_memory_bytes, resolve_budget
 from sim.costs import CostModel
 from sim.hardware import HardwareProfile, load_profile, profile_from_dict
@@ -238,48 +239,116 @@ def run_offloaded(model: nn.Module, prompts: Prompts, *, model_name: str, policy
                   timeline: Path | None = None, trace_out: Path | None = None, keep_logits: bool = False,
                   progress: Callable[[int], None] | None = None,
                   engine_hook: Callable[[OffloadEngine], None] | None = None) -> tuple[dict[str, Any], Generation]:
-    """Run an already loaded model offloaded; returns (metrics JSON with `generated`, the Generation).
+    """Run an already loaded (in-memory) model offloaded; returns (metrics JSON with `generated`, the Generation).
 
-    The model's expert weights are packed into the slow tier and then dropped from the model.
+    The model's expert weights are packed into the slow tier and then dropped from the model. The CLI
+    streams instead (`run_streamed`); this path serves tests and callers that hold a model already.
     `engine_hook(engine)` runs once the engine exists (tests inject failures through it).
     """
     spec = spec_of(model, model_name)
     blocks = moe_blocks(model)
-    kv_tokens = max(len(p) for p in prompts.token_ids) + max_new_tokens
-    total = resolve_budget(memory_budget, spec, kv_tokens=kv_tokens, device_memory_bytes=device_memory_bytes(device),
-                           device=f"this {device.type} device").total_bytes
-    experts_budget = expert_budget(total, spec, kv_tokens)
+    total, experts_budget = _budgets(memory_budget, spec, prompts, max_new_tokens, device)
     popularity = None
     if policy.allocation == "popularity":
         popularity = popularity_counts(model, prompts.token_ids, device, spec.num_moe_layers, spec.num_experts)
     with torch.inference_mode():  # untimed warm-up (kernels, allocator, thread pool) on the plain path
         model(input_ids=torch.tensor([prompts.token_ids[0][:8]], device=device))
-    precisions = storage_precisions(policy)
     tmp = None
     if store == "disk" and store_path is None and store_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="realrun-")
         store_path = Path(tmp.name) / "experts.bin"
     try:
-        slow, layouts = build_store(spec, blocks, precisions, store, device, store_path=store_path, store_dir=store_dir,
-                                    optimize=optimize_quant)
-        try:
-            hw = (profile if isinstance(profile, HardwareProfile)
-                  else load_profile(profile) if profile else measure_profile(spec, slow, layouts, device))
-            ctl = OffloadController(spec, policy, experts_budget, popularity=popularity,
-                                    decode_prefetch_count=decode_prefetch_count(CostModel(spec, hw)))
-            with OffloadEngine(model, spec, ctl, slow, layouts, device, record_routes=trace_out is not None,
-                               lookahead=policy.lookahead) as engine:
-                if engine_hook is not None:
-                    engine_hook(engine)
-                run_start = time.perf_counter()
-                gen = greedy_generate(model, prompts.token_ids, max_new_tokens, device,
-                                      on_forward=engine.start_forward, keep_logits=keep_logits, progress=progress)
-                run_end = time.perf_counter()
-        finally:
-            slow.close()
+        slow, layouts = build_store(spec, blocks, storage_precisions(policy), store, device, store_path=store_path,
+                                    store_dir=store_dir, optimize=optimize_quant)
+        return _serve(model, spec, prompts, slow, layouts, model_name=model_name, policy=policy, total=total,
+                      experts_budget=experts_budget, popularity=popularity, device=device,
+                      max_new_tokens=max_new_tokens, profile=profile, timeline=timeline, trace_out=trace_out,
+                      keep_logits=keep_logits, progress=progress, engine_hook=engine_hook)
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def run_streamed(streamed: StreamedModel, prompts: Prompts, *, model_name: str, policy: PolicyConfig,
+                 memory_budget: str | int, device: torch.device, store: str = "disk",
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, store_path: Path | None = None,
+                 store_dir: Path | None = None, profile: str | HardwareProfile | None = None,
+                 optimize_quant: bool = True, timeline: Path | None = None, trace_out: Path | None = None,
+                 keep_logits: bool = False, progress: Callable[[int], None] | None = None,
+                 engine_hook: Callable[[OffloadEngine], None] | None = None) -> tuple[dict[str, Any], Generation]:
+    """Run a model built by `realrun.streaming.load_streaming`: its experts go from the checkpoint straight
+    into the slow tier (`realrun.ckptstore`; bf16 is read from the checkpoint files themselves on the disk
+    tier, quantised copies from a store file kept in `store_dir` or at `store_path`). The warm-up forward
+    and popularity prefills run their experts straight from the slow tier (`StoreExperts`)."""
+    from realrun.ckptstore import build_checkpoint_store
+    from realrun.experts import StoreExperts
+
+    spec, model = streamed.spec, streamed.model
+    total, experts_budget = _budgets(memory_budget, spec, prompts, max_new_tokens, device)
+    tmp = None
+    if store == "disk" and store_path is None and store_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="realrun-")
+        store_dir = Path(tmp.name)
+    try:
+        slow, layouts = build_checkpoint_store(streamed.checkpoint, spec, storage_precisions(policy), store, device,
+                                               store_path=store_path, store_dir=store_dir, optimize=optimize_quant)
+        try:
+            StoreExperts(slow, layouts, device).install(model)
+            popularity = None
+            if policy.allocation == "popularity":
+                popularity = popularity_counts(model, prompts.token_ids, device, spec.num_moe_layers,
+                                               spec.num_experts)
+            with torch.inference_mode():  # untimed warm-up, as run_offloaded's
+                model(input_ids=torch.tensor([prompts.token_ids[0][:8]], device=device))
+        except BaseException:
+            slow.close()
+            raise
+        return _serve(model, spec, prompts, slow, layouts, model_name=model_name, policy=policy, total=total,
+                      experts_budget=experts_budget, popularity=popularity, device=device,
+                      max_new_tokens=max_new_tokens, profile=profile, timeline=timeline, trace_out=trace_out,
+                      keep_logits=keep_logits, progress=progress, engine_hook=engine_hook)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _kv_tokens(prompts: Prompts, max_new_tokens: int) -> int:
+    """The longest context of the run: sequences run one at a time, so one sequence's KV cache is resident."""
+    return max(len(p) for p in prompts.token_ids) + max_new_tokens
+
+
+def _budgets(memory_budget: str | int, spec: ModelSpec, prompts: Prompts, max_new_tokens: int,
+             device: torch.device) -> tuple[int, int]:
+    """(total budget bytes, expert budget bytes) for these prompts' KV cache (`sim.budget.resolve_budget`:
+    at most the device's memory)."""
+    kv_tokens = _kv_tokens(prompts, max_new_tokens)
+    total = resolve_budget(memory_budget, spec, kv_tokens=kv_tokens, device_memory_bytes=device_memory_bytes(device),
+                           device=f"this {device.type} device").total_bytes
+    return total, expert_budget(total, spec, kv_tokens)
+
+
+def _serve(model: nn.Module, spec: ModelSpec, prompts: Prompts, slow: SlowStore, layouts: dict[str, ExpertLayout], *,
+           model_name: str, policy: PolicyConfig, total: int, experts_budget: int, popularity: np.ndarray | None,
+           device: torch.device, max_new_tokens: int, profile: str | HardwareProfile | None,
+           timeline: Path | None, trace_out: Path | None, keep_logits: bool,
+           progress: Callable[[int], None] | None,
+           engine_hook: Callable[[OffloadEngine], None] | None) -> tuple[dict[str, Any], Generation]:
+    """The timed, offloaded run on a built slow tier (closed on return), and its metrics JSON."""
+    try:
+        hw = (profile if isinstance(profile, HardwareProfile)
+              else load_profile(profile) if profile else measure_profile(spec, slow, layouts, device))
+        ctl = OffloadController(spec, policy, experts_budget, popularity=popularity,
+                                decode_prefetch_count=decode_prefetch_count(CostModel(spec, hw)))
+        with OffloadEngine(model, spec, ctl, slow, layouts, device, record_routes=trace_out is not None,
+                           lookahead=policy.lookahead) as engine:
+            if engine_hook is not None:
+                engine_hook(engine)
+            run_start = time.perf_counter()
+            gen = greedy_generate(model, prompts.token_ids, max_new_tokens, device,
+                                  on_forward=engine.start_forward, keep_logits=keep_logits, progress=progress)
+            run_end = time.perf_counter()
+    finally:
+        slow.close()
     trace = build_trace(engine.routes, gen, prompts, spec, model, model_name, policy) if trace_out else None
     result = compute_metrics(
         phases=gen.phases, num_tokens=gen.num_tokens, step_start_at=gen.step_start_at, step_end_at=gen.step_end_at,
@@ -289,7 +358,7 @@ def run_offloaded(model: nn.Module, prompts: Prompts, *, model_name: str, policy
         "policy": policy.name, "policy_components": policy.components(), "memory_budget_bytes": total,
         "expert_budget_bytes": experts_budget, "slots_per_layer": list(ctl.slots_per_layer),
         "peak_expert_bytes": ctl.peak_slots * ctl.slot_bytes, "profile": hw.name, "model": model_name,
-        "kv_cache_tokens": kv_tokens,
+        "kv_cache_tokens": _kv_tokens(prompts, max_new_tokens),
         **run_notes(replayed_layers=spec.moe_layer_indices, model_layers=spec.num_moe_layers, assumptions=[],
                     warnings=cache_warnings(policy, ctl)),
         "trace_hash": trace.content_hash() if trace is not None else None,
@@ -338,14 +407,17 @@ def run_realrun(model: str, prompts: str | os.PathLike[str] | None, policy: str,
                 trace_out: str | os.PathLike[str] | None = None, profile: str | None = None,
                 store_path: str | os.PathLike[str] | None = None,
                 progress: Callable[[int], None] | None = None,
-                progress_total: Callable[[int], None] | None = None) -> dict[str, Any]:
+                progress_total: Callable[[int], None] | None = None, dtype: str = "auto") -> dict[str, Any]:
     """`fatesim realrun`: the metrics JSON of `fatesim replay` plus `generated` (token ids per prompt).
 
     prompts: a prompt file, or None for `traces.promptset.DEFAULT_PROMPTS`; progress(n) is called after each
     forward step, progress_total(steps) once the step count is known; profile: a hardware profile for
     the controller (name or .toml), or None to measure this machine at start-up; store_path: where the disk
     store lives, or None for `STORE_DIR`/experts-<fingerprint>.bin (reused while the weights and options
-    match: quantising a model with HQQ is done once).
+    match: quantising a model with HQQ is done once); dtype: compute dtype of the non-expert weights and
+    activations (`realrun.streaming.DTYPE_CHOICES`; "auto" = float32 on a CPU, the checkpoint's on CUDA).
+
+    The model is streamed from its checkpoint (`realrun.streaming`): it never has to fit in RAM whole.
     """
     if prompts is None:
         from traces.promptset import DEFAULT_PROMPTS
@@ -356,6 +428,8 @@ def run_realrun(model: str, prompts: str | os.PathLike[str] | None, policy: str,
         raise UserError(f"unknown device {device!r}; choose cpu or cuda")
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+    if dtype not in DTYPE_CHOICES:
+        raise UserError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
     pol = build_policy(policy, overrides)
     dev = torch.device(device)
     folder = resolve_model_dir(model)
@@ -368,11 +442,14 @@ def run_realrun(model: str, prompts: str | os.PathLike[str] | None, policy: str,
     check_slots(pol, spec, expert_budget(budget_bytes, spec, kv_tokens))
     if progress_total is not None:
         progress_total(len(prompt_set.token_ids) * max_new_tokens)  # one tick per forward step
-    loaded, name = load_model(folder, dev), model
-    result, _ = run_offloaded(
-        loaded, prompt_set, model_name=name, policy=pol, memory_budget=budget_bytes, device=dev, store=store,
-        max_new_tokens=max_new_tokens, store_path=Path(store_path) if store_path else None, store_dir=STORE_DIR,
-        profile=profile,
-        timeline=Path(timeline) if timeline else None, trace_out=Path(trace_out) if trace_out else None,
-        progress=progress)
+    streamed = load_streaming(folder, dev, dtype, name=model)
+    try:
+        result, _ = run_streamed(
+            streamed, prompt_set, model_name=model, policy=pol, memory_budget=budget_bytes, device=dev, store=store,
+            max_new_tokens=max_new_tokens, store_path=Path(store_path) if store_path else None, store_dir=STORE_DIR,
+            profile=profile,
+            timeline=Path(timeline) if timeline else None, trace_out=Path(trace_out) if trace_out else None,
+            progress=progress)
+    finally:
+        streamed.checkpoint.close()
     return result

@@ -59,6 +59,9 @@ class SlowStore:
     """Precision -> layout of its records."""
     num_layers: int
     num_experts: int
+    host_staging: bool = False
+    """True when `read_into` needs an aligned host destination (a device with its own memory stages reads
+    through one)."""
 
     def read_into(self, layer: int, expert: int, precision: str, dst: torch.Tensor) -> int:
         """Copy the record into `dst` (uint8, at least `padded_bytes(precision)` long); return bytes read."""
@@ -118,6 +121,8 @@ class RamStore(SlowStore):
 
 class DiskStore(SlowStore):
     """Records in one file, read with O_DIRECT into 4 KiB-aligned buffers (no page cache)."""
+
+    host_staging = True
 
     def __init__(self, path: str | os.PathLike[str], *, direct: bool = True) -> None:
         self.path = Path(path)
@@ -206,12 +211,15 @@ def write_disk_store(
         raise ValueError("store header does not fit in one block")
     with atomic_output(path) as tmp, open(tmp, "wb") as f:
         f.write(header.ljust(BLOCK_BYTES, b"\0"))
-        for precision, layout in layouts.items():
-            pad = bytes(round_up(layout.nbytes) - layout.nbytes)
-            for layer in range(num_layers):
-                for expert in range(num_experts):
+        # expert by expert, every precision of one expert in turn: a source reading a checkpoint reads each
+        # expert once (records land at their precision's offset, so the file layout is unchanged)
+        for layer in range(num_layers):
+            for expert in range(num_experts):
+                for precision, layout in layouts.items():
+                    info = offsets[precision]
+                    f.seek(info["offset"] + (layer * num_experts + expert) * info["stride"])
                     f.write(source(layer, expert, precision).numpy().tobytes())
-                    f.write(pad)
+                    f.write(bytes(info["stride"] - layout.nbytes))
                     if progress is not None:
                         progress(1)
 

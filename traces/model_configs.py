@@ -72,7 +72,9 @@ def routing_config(cfg: dict[str, Any]) -> TraceModelConfig:
     model_type = cfg["model_type"]
     layers = int(cfg["num_hidden_layers"])
     if model_type in ("qwen2_moe", "qwen3_moe"):
-        experts, expert_inter = int(cfg["num_experts"]), int(cfg["moe_intermediate_size"])
+        # transformers 5.x writes Qwen3-MoE's count as num_local_experts; the hub's configs say num_experts
+        experts = int(cfg["num_experts"] if "num_experts" in cfg else cfg["num_local_experts"])
+        expert_inter = int(cfg["moe_intermediate_size"])
         shared_inter = int(cfg.get("shared_expert_intermediate_size") or 0)
         num_shared = 1 if shared_inter else 0
         step = int(cfg.get("decoder_sparse_step") or 1)

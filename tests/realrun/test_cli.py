@@ -77,10 +77,18 @@ def test_cli_user_errors_are_one_line(model_dir: Path, prompts_file: Path, capsy
     assert err.startswith("fatesim: error:") and message in err and "\n" not in err
 
 
+def test_bf16_runs_write_no_second_copy(model_dir: Path, prompts_file: Path, store_dir: Path, capsys) -> None:
+    """bf16 experts are read from the checkpoint itself: no store file appears."""
+    main(["realrun", "--model", str(model_dir), "--prompts", str(prompts_file), "--policy", "lru",
+          "--memory-budget", "50%", "--max-new-tokens", "2", "--json"])
+    assert not list(store_dir.glob("experts-*.bin"))
+
+
 def test_disk_store_is_built_once_and_reused(model_dir: Path, prompts_file: Path, store_dir: Path, capsys) -> None:
-    """A second run on the same weights and precisions reads the existing store instead of rewriting it."""
+    """A second run on the same checkpoint and precisions reads the existing quantised store instead of
+    rewriting it."""
     args = ["realrun", "--model", str(model_dir), "--prompts", str(prompts_file), "--policy", "lru",
-            "--memory-budget", "50%", "--max-new-tokens", "2", "--json"]
+            "--set", "precision=int4", "--memory-budget", "50%", "--max-new-tokens", "2", "--json"]
     main(args)
     (store,) = store_dir.glob("experts-*.bin")
     written = store.stat().st_mtime_ns
