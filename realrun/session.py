@@ -13,7 +13,6 @@ in the JSON says "realrun-measured" and its provenance says how.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -37,7 +36,7 @@ from realrun.runner import (
     storage_precisions,
 )
 from realrun.store import SlowStore, aligned_buffer
-from realrun.streaming import DTYPE_CHOICES, StreamedModel, load_streaming
+from realrun.streaming import StreamedModel, load_streaming
 from sim.budget import host_memory_bytes, resolve_budget
 from sim.costs import CostModel
 from sim.hardware import HardwareProfile, load_profile, profile_from_dict
@@ -48,6 +47,7 @@ from sim.policies.controller import OffloadController
 from sim.policies.prefetch import decode_prefetch_count
 from sim.policies.presets import PolicyConfig, build_policy
 from traces.errors import UserError
+from traces.recorder import DTYPE_CHOICES
 
 DEFAULT_MAX_NEW_TOKENS = 32
 STORE_DIR = Path(os.environ.get("FATESIM_CACHE", Path.home() / ".cache" / "fatesim")) / "stores"
@@ -64,29 +64,12 @@ class Prompts:
 
 
 def load_prompts(path: str | os.PathLike[str], tokenizer: Any) -> Prompts:
-    """Tokenized prompts of a prompt file (`traces.promptset` forms: JSON lines with "text", or plain text);
-    JSON lines with "token_ids" lists are taken as given (models without a tokenizer)."""
-    from traces.promptset import load_prompts as load_texts
-    from traces.promptset import prompts_identity
+    """Tokenized prompts of a prompt file (`traces.promptset.prompt_token_ids`: text, or JSON lines with
+    "token_ids" for a model without a tokenizer), with the file's identity."""
+    from traces.promptset import prompt_token_ids, prompts_identity
 
-    path = Path(path)
-    identity = prompts_identity(path)
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    try:
-        items = [json.loads(line) for line in lines]
-    except json.JSONDecodeError:
-        items = []
-    if items and all(isinstance(i, dict) and "token_ids" in i for i in items):
-        ids = [[int(t) for t in i["token_ids"]] for i in items]
-    else:
-        texts = load_texts(path)
-        if tokenizer is None:
-            raise UserError(f"{path} holds text but the model has no tokenizer; give {{\"token_ids\": [...]}} lines")
-        ids = [list(tokenizer(text)["input_ids"]) for text in texts]
-    for n, prompt in enumerate(ids):
-        if not prompt:
-            raise UserError(f"prompt {n} of {path} is empty after tokenization; remove it")
-    return Prompts(ids, identity["name"], identity["sha256"])
+    identity = prompts_identity(Path(path))
+    return Prompts(prompt_token_ids(Path(path), tokenizer), identity["name"], identity["sha256"])
 
 
 def resolve_model_dir(name_or_path: str) -> Path:
@@ -98,12 +81,9 @@ def resolve_model_dir(name_or_path: str) -> Path:
 
 def _tokenizer(folder: Path) -> Any:
     """The model folder's tokenizer, or None when it has none (prompts must then be token ids)."""
-    from transformers import AutoTokenizer
+    from traces.recorder import tokenizer_of
 
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError):
-        return None
+    return tokenizer_of(folder)
 
 
 def load_model(folder: Path, device: torch.device, dtype: torch.dtype | str = "auto") -> nn.Module:
@@ -415,7 +395,7 @@ def run_realrun(model: str, prompts: str | os.PathLike[str] | None, policy: str,
     the controller (name or .toml), or None to measure this machine at start-up; store_path: where the disk
     store lives, or None for `STORE_DIR`/experts-<fingerprint>.bin (reused while the weights and options
     match: quantising a model with HQQ is done once); dtype: compute dtype of the non-expert weights and
-    activations (`realrun.streaming.DTYPE_CHOICES`; "auto" = float32 on a CPU, the checkpoint's on CUDA).
+    activations (`traces.recorder.DTYPE_CHOICES`; "auto" = float32 on a CPU, the checkpoint's on CUDA).
 
     The model is streamed from its checkpoint (`realrun.streaming`): it never has to fit in RAM whole.
     """

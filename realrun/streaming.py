@@ -30,10 +30,9 @@ from torch import nn
 from realrun.checkpoint import Checkpoint
 from sim.modelspec import ModelSpec
 from traces.errors import UserError
+from traces.recorder import compute_dtype_name
 from traces.routercapture import check_architecture
 
-DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
-"""`--dtype` values: compute dtype of the non-expert weights and activations."""
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
@@ -86,18 +85,13 @@ def checkpoint_spec(checkpoint: Checkpoint, name: str) -> ModelSpec:
 
 
 def resolve_dtype(choice: str, device: torch.device, stored: torch.dtype) -> torch.dtype:
-    """`--dtype`: "auto" is float32 on a CPU (bfloat16 matmuls run several times slower on CPUs without
-    AVX512-BF16/AMX; on the AMD EPYC dev VM, which has AVX512-BF16, one 2048x1408 expert at 64 tokens takes
-    7.9 ms in bf16 and 19.2 ms in fp32, at 1 token 2.3 vs 2.7 ms: there bfloat16 is the faster choice) and
-    the checkpoint's dtype on CUDA."""
+    """The compute dtype for `--dtype choice` (`traces.recorder.compute_dtype_name`: the recorder's rule, so a
+    recording and a realrun of one model compute alike). Measured on the AMD EPYC dev VM, which has
+    AVX512-BF16: one 2048x1408 expert at 64 tokens takes 7.9 ms in bf16 and 19.2 ms in fp32, at 1 token
+    2.3 vs 2.7 ms; on CPUs without native bf16 it is the other way round, several times slower."""
     if choice == "stored":  # internal (calibration): the checkpoint's own dtype on any device
         return stored
-    if choice == "auto":
-        return torch.float32 if device.type == "cpu" else stored
-    names = {v: k for k, v in _DTYPE_NAMES.items()}
-    if choice not in names:
-        raise UserError(f"unknown --dtype {choice!r}; choose one of {', '.join(DTYPE_CHOICES)}")
-    return names[choice]
+    return getattr(torch, compute_dtype_name(choice, device.type, _DTYPE_NAMES[stored]))
 
 
 def skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
@@ -163,7 +157,7 @@ def load_streaming(folder: str | Path, device: torch.device, dtype: str = "auto"
                    name: str | None = None) -> StreamedModel:
     """The model of checkpoint `folder` on `device`, all but its routed experts loaded (module docstring).
 
-    dtype: a `DTYPE_CHOICES` value (`resolve_dtype`). The caller owns `checkpoint` (close it when done).
+    dtype: a `traces.recorder.DTYPE_CHOICES` value (`resolve_dtype`). The caller owns `checkpoint` (close it when done).
     """
     checkpoint = Checkpoint(folder)
     try:

@@ -79,11 +79,24 @@ def import_(fmt: str, sources: tuple[Path, ...], out: Path, model_spec: str | No
 @click.option("--gate-inputs", is_flag=True, help="Also store every router input (large: T x L x H float16).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where to run the model.")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
+              show_default=True,
+              help="Compute dtype. auto: float32 on a CPU, the checkpoint's dtype on CUDA. bfloat16 matmuls are "
+                   "several times slower than float32 on CPUs without AVX512-BF16/AMX; on CPUs with it (the 2-core "
+                   "AMD EPYC dev VM: one Qwen1.5-MoE expert at 64 tokens 7.9 ms bf16 vs 19.2 ms fp32) --dtype "
+                   "bfloat16 is faster.")
+@click.option("--memory-budget", default=None, metavar="SIZE",
+              help="Record a model larger than memory: run it offloaded as `fatesim realrun` does (skeleton without "
+                   "weights, routed experts streamed from the checkpoint and loaded on demand) within this "
+                   "fast-memory budget (6GiB, 25%). Without it every weight is loaded into memory.")
 def record(model: str, prompts_path: Path, out: Path, max_new_tokens: int, lookahead: int, gate_inputs: bool,
-           device: str) -> None:
-    """Run a Hugging Face MoE model over prompts and record its routing as a trace."""
+           device: str, dtype: str, memory_budget: str | None) -> None:
+    """Run a Hugging Face MoE model over prompts and record its routing as a trace.
+
+    Prompts are JSON lines with "text" (or plain text lines), or {"token_ids": [...]} lines for a model
+    folder without a tokenizer."""
     from traces.recorder import record_trace  # imports torch and transformers: only when recording
 
     t = record_trace(model, prompts_path, out, max_new_tokens=max_new_tokens, lookahead=lookahead,
-                     gate_inputs=gate_inputs, device=device)
+                     gate_inputs=gate_inputs, device=device, dtype=dtype, memory_budget=memory_budget)
     click.echo(_done(out, t))

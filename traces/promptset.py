@@ -2,7 +2,8 @@
 
 Two file forms are accepted:
 - JSON lines (`.jsonl`, or any file whose first non-blank line starts with `{`): one object per line with a
-  string field `"text"` (other fields such as `"id"` and `"kind"` are kept for people, ignored here);
+  string field `"text"` (other fields such as `"id"` and `"kind"` are kept for people, ignored here), or,
+  for models without a tokenizer, every line with a `"token_ids"` list of integers (`prompt_token_ids`);
 - plain text: every non-blank line is one prompt.
 
 `traces/prompts/default.jsonl` is the default set (written for fatesim, varied kinds: questions,
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 from traces.errors import UserError
 
@@ -53,6 +55,39 @@ def load_prompts(path: Path) -> list[str]:
             raise UserError(f"prompt file {path} line {n} has an empty \"text\"")
         prompts.append(item["text"])
     return prompts
+
+
+def prompt_token_ids(path: Path, tokenizer: Any) -> list[list[int]]:
+    """The prompts of `path` as token ids: JSON lines that all carry `"token_ids"` are taken as given (a model
+    folder without a tokenizer), anything else is text tokenized by `tokenizer` (None: UserError)."""
+    path = Path(path)
+    lines = [(n, line) for n, line in enumerate(_read(path).splitlines(), start=1) if line.strip()]
+    items = []
+    for _, line in lines:
+        try:
+            items.append(json.loads(line))
+        except json.JSONDecodeError:
+            items = []
+            break
+    if items and all(isinstance(item, dict) and "token_ids" in item for item in items):
+        ids = []
+        for (n, _), item in zip(lines, items, strict=True):
+            tokens = item["token_ids"]
+            if (not isinstance(tokens, list) or not tokens
+                    or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens)):
+                raise UserError(f"prompt file {path} line {n}: \"token_ids\" must be a non-empty list of "
+                                "non-negative integers")
+            ids.append(list(tokens))
+        return ids
+    texts = load_prompts(path)
+    if tokenizer is None:
+        raise UserError(f"{path} holds text prompts but the model has no tokenizer; give JSON lines "
+                        "{\"token_ids\": [...]} instead")
+    ids = [list(tokenizer(text)["input_ids"]) for text in texts]
+    for n, prompt in enumerate(ids):
+        if not prompt:
+            raise UserError(f"prompt {n} of {path} tokenizes to nothing; remove it from the prompt file")
+    return ids
 
 
 def prompts_identity(path: Path) -> dict[str, str]:

@@ -100,8 +100,9 @@ def test_record_passes_options_to_the_recorder(tmp_path: Path, monkeypatch, caps
     calls = []
     trace = types.SimpleNamespace(num_tokens=3, num_sequences=1, num_moe_layers=2, num_experts=4, top_k=2)
 
-    def record_trace(model, prompts_path, out, *, max_new_tokens, lookahead, gate_inputs, device):
-        calls.append((model, prompts_path, out, max_new_tokens, lookahead, gate_inputs, device))
+    def record_trace(model, prompts_path, out, *, max_new_tokens, lookahead, gate_inputs, device, dtype,
+                     memory_budget):
+        calls.append((model, prompts_path, out, max_new_tokens, lookahead, gate_inputs, device, dtype, memory_budget))
         return trace
 
     monkeypatch.setitem(sys.modules, "traces.recorder", types.SimpleNamespace(record_trace=record_trace))
@@ -111,8 +112,12 @@ def test_record_passes_options_to_the_recorder(tmp_path: Path, monkeypatch, caps
     code, stdout, err = run(["trace", "record", "--model", "mini-qwen-moe", "--prompts", str(prompts), "--out",
                              str(out), "--max-new-tokens", "7", "--lookahead", "3", "--gate-inputs"], capsys)
     assert code == 0, err
-    assert calls == [("mini-qwen-moe", prompts, out, 7, 3, True, "cpu")]
+    assert calls == [("mini-qwen-moe", prompts, out, 7, 3, True, "cpu", "auto", None)]
     assert stdout.startswith(f"wrote {out}: 3 tokens")
+    code, _, err = run(["trace", "record", "--model", "m", "--prompts", str(prompts), "--out", str(out),
+                        "--dtype", "bfloat16", "--memory-budget", "10%"], capsys)
+    assert code == 0, err
+    assert calls[-1][-2:] == ("bfloat16", "10%")
     code, _, err = run(["trace", "record", "--model", "m", "--prompts", str(prompts), "--out", str(out),
                         "--device", "tpu"], capsys)
     assert code == 2 and "'tpu' is not one of" in err
