@@ -22,12 +22,12 @@ from traces.errors import UserError
 TINY_QWEN = preset_config("qwen1.5-moe-a2.7b", vocab_size=256, hidden_size=64, intermediate_size=96,
                           moe_intermediate_size=32, shared_expert_intermediate_size=48, num_hidden_layers=3,
                           num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
-                          max_position_embeddings=128)
+                          max_position_embeddings=128, bos_token_id=0, eos_token_id=0)
 TINY_DEEPSEEK = preset_config("deepseek-moe-16b-as-deepseek-v2", vocab_size=256, hidden_size=64,
                               intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
                               num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=2,
                               num_experts_per_tok=3, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                              v_head_dim=16, max_position_embeddings=128)
+                              v_head_dim=16, max_position_embeddings=128, bos_token_id=0, eos_token_id=0)
 SHARD_BYTES = 60_000  # the tiny models are ~0.3 MB: several shards
 
 
