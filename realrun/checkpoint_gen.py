@@ -330,6 +330,13 @@ def preset_config(preset: str, **overrides: Any) -> dict[str, Any]:
     return {**PRESETS[preset], **overrides}
 
 
+def write_preset(folder: str | os.PathLike[str], model: str = "qwen1.5-moe-a2.7b", seed: int = 0) -> Path:
+    """Write (or reuse) a preset's full-size checkpoint into `folder`; returns the folder. This is the
+    generator `calibration.gpu_check` calls for its full-size step (`FULLSIZE_GENERATOR`)."""
+    write_checkpoint(folder, preset_config(model), seed=seed, name=model)
+    return Path(folder)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: write one preset's (or a config file's) random checkpoint."""
     import click

@@ -183,3 +183,18 @@ def test_full_size_presets_have_the_published_sizes() -> None:
 def test_unsupported_model_type_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not supported"):
         write_checkpoint(tmp_path / "m", {"model_type": "deepseek", "hidden_size": 8})
+
+
+def test_gpu_check_finds_this_generator() -> None:
+    """calibration.gpu_check's full-size step resolves its generator here (folder, model, seed) -> folder;
+    it still waits for the streaming loader, and says so."""
+    import importlib
+    import inspect
+
+    from calibration import gpu_check
+
+    module, _, function = gpu_check.FULLSIZE_GENERATOR.partition(":")
+    write = getattr(importlib.import_module(module), function)
+    assert list(inspect.signature(write).parameters) == ["folder", "model", "seed"]
+    why = gpu_check.fullsize_available()
+    assert why is None or "generator" not in why
