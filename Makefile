@@ -9,7 +9,7 @@ PROMPTS := traces/prompts/default.jsonl
 MAX_NEW_TOKENS ?= 32
 export PYTHONHASHSEED := 0
 
-.PHONY: install demo test lint trace models bench bench-real calibrate validate gpu-wheels gpu-check reproduce clean
+.PHONY: install demo test lint trace models bench bench-real bench-scale calibrate validate gpu-wheels gpu-check reproduce clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -55,6 +55,19 @@ bench: $(STAMP)
 bench-real: $(STAMP)
 	mkdir -p bench
 	$(BIN)/python -m realrun.bench --out bench/realrun-$$(hostname -s).json
+
+# realrun (lod, lru, fate, as `fatesim realrun` subprocesses: peak RSS, wall time, tokens/s, slow-tier bytes)
+# and the streaming `trace record` on full-size random checkpoints (realrun/checkpoint_gen.py) generated into
+# $FATESIM_CACHE/scale (~/.cache/fatesim/scale) and deleted afterwards. Qwen1.5-MoE-A2.7B is 28.6 GB on disk
+# (DeepSeekMoE-16B's substitute 32.4 GB): SCALE_MODELS=qwen1.5-moe-a2.7b,deepseek-moe-16b-as-deepseek-v2 runs
+# both, one after the other. Needs realrun's streaming loader to fit in RAM (issue 10).
+SCALE_MODELS ?= qwen1.5-moe-a2.7b
+SCALE_ARGS ?=
+
+bench-scale: $(STAMP)
+	mkdir -p bench
+	$(BIN)/python -m realrun.bench_scale --models $(SCALE_MODELS) --delete-after \
+		--out bench/scale-$$(hostname -s).json $(SCALE_ARGS)
 
 # Measure this machine (CPU, O_DIRECT disk tier, realrun's Qwen-shaped bench model) into a profile, then
 # check the simulator against realrun on it. Outputs go to out/ (not tracked).

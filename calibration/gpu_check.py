@@ -61,7 +61,7 @@ BITEXACT_PRESETS = {"lod": {}, "lru": {}, "fate": {"precision": "bf16"}, "specul
                     "mixtral-offloading": {"precision": "bf16"}, "eap": {}, "cpu-exec": {}}
 """Lossless presets (overrides that make them so); cpu-exec computes missed experts on the CPU."""
 BITEXACT_MODELS = ("mini-qwen-moe", "mini-deepseek-moe")
-FULLSIZE_GENERATOR = "realrun.scale:write_checkpoint"
+FULLSIZE_GENERATOR = "realrun.checkpoint_gen:write_preset"
 """module:function(folder, model="qwen1.5-moe-a2.7b", seed=0) -> folder writing a random-weight checkpoint in
 the hub's layout shard by shard (issue 10's `make bench-scale` generator)."""
 FULLSIZE_LOADER = "realrun.streamed"
