@@ -64,7 +64,7 @@ BITEXACT_MODELS = ("mini-qwen-moe", "mini-deepseek-moe")
 FULLSIZE_GENERATOR = "realrun.checkpoint_gen:write_preset"
 """module:function(folder, model="qwen1.5-moe-a2.7b", seed=0) -> folder writing a random-weight checkpoint in
 the hub's layout shard by shard (issue 10's `make bench-scale` generator)."""
-FULLSIZE_LOADER = "realrun.streamed"
+FULLSIZE_LOADER = "realrun.streaming"
 """The streaming loader's module (issue 10): `fatesim realrun` streams experts from the checkpoint with it."""
 FULLSIZE_MIN_S = 240
 FULLSIZE_POLICIES = ("lru", "fate")

@@ -248,6 +248,11 @@ def bench_model(name: str, config: dict[str, Any], *, cache: Path, policies: tup
         if "--dtype" not in realrun_options:
             raise UserError("--dtype was given but this checkout's `fatesim realrun` has no --dtype option yet")
         extra = ["--dtype", dtype]
+    if "--no-quant-optimize" in realrun_options:
+        # random weights: HQQ's optimiser would spend ~90 min on one core for accuracy nobody measures here
+        extra.append("--no-quant-optimize")
+    entry["workload"]["quantisation"] = ("plain min/max rounding (--no-quant-optimize)"
+                                         if "--no-quant-optimize" in extra else "HQQ optimiser")
     labels = list(policies) + (["fate"] if repeat_fate and "fate" in policies else [])
     seen: set[str] = set()
     try:

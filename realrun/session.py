@@ -344,6 +344,7 @@ def _serve(model: nn.Module, spec: ModelSpec, prompts: Prompts, slow: SlowStore,
         "trace_hash": trace.content_hash() if trace is not None else None,
         "generated": gen.generated,
         "io": io_observed(engine),
+        **peak_memory(device),
     })
     if trace_out is not None:
         from traces.format import write_trace
@@ -351,6 +352,17 @@ def _serve(model: nn.Module, spec: ModelSpec, prompts: Prompts, slow: SlowStore,
     if timeline is not None:
         write_timeline(engine, run_start, timeline)
     return result, gen
+
+
+def peak_memory(device: torch.device) -> dict[str, int | None]:
+    """`peak_device_bytes`: the most GPU memory torch held at once (weights, slots, KV cache, activations;
+    None on a CPU device, where fast memory is host RAM); `peak_host_rss_bytes`: this process's peak
+    resident set (Linux's ru_maxrss), which on a CPU device includes everything."""
+    import resource
+
+    device_peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+    return {"peak_device_bytes": device_peak,
+            "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def io_observed(engine: OffloadEngine) -> dict[str, Any]:
@@ -387,7 +399,8 @@ def run_realrun(model: str, prompts: str | os.PathLike[str] | None, policy: str,
                 trace_out: str | os.PathLike[str] | None = None, profile: str | None = None,
                 store_path: str | os.PathLike[str] | None = None,
                 progress: Callable[[int], None] | None = None,
-                progress_total: Callable[[int], None] | None = None, dtype: str = "auto") -> dict[str, Any]:
+                progress_total: Callable[[int], None] | None = None, dtype: str = "auto",
+                optimize_quant: bool = True) -> dict[str, Any]:
     """`fatesim realrun`: the metrics JSON of `fatesim replay` plus `generated` (token ids per prompt).
 
     prompts: a prompt file, or None for `traces.promptset.DEFAULT_PROMPTS`; progress(n) is called after each
@@ -395,7 +408,8 @@ def run_realrun(model: str, prompts: str | os.PathLike[str] | None, policy: str,
     the controller (name or .toml), or None to measure this machine at start-up; store_path: where the disk
     store lives, or None for `STORE_DIR`/experts-<fingerprint>.bin (reused while the weights and options
     match: quantising a model with HQQ is done once); dtype: compute dtype of the non-expert weights and
-    activations (`traces.recorder.DTYPE_CHOICES`; "auto" = float32 on a CPU, the checkpoint's on CUDA).
+    activations (`traces.recorder.DTYPE_CHOICES`; "auto" = float32 on a CPU, the checkpoint's on CUDA);
+    optimize_quant: HQQ's optimiser for quantised experts (False: plain rounding, for speed benchmarks).
 
     The model is streamed from its checkpoint (`realrun.streaming`): it never has to fit in RAM whole.
     """
@@ -422,12 +436,14 @@ def run_realrun(model: str, prompts: str | os.PathLike[str] | None, policy: str,
     check_slots(pol, spec, expert_budget(budget_bytes, spec, kv_tokens))
     if progress_total is not None:
         progress_total(len(prompt_set.token_ids) * max_new_tokens)  # one tick per forward step
+    if dev.type == "cuda":  # peak_device_bytes covers loading too
+        torch.cuda.reset_peak_memory_stats(dev)
     streamed = load_streaming(folder, dev, dtype, name=model)
     try:
         result, _ = run_streamed(
             streamed, prompt_set, model_name=model, policy=pol, memory_budget=budget_bytes, device=dev, store=store,
             max_new_tokens=max_new_tokens, store_path=Path(store_path) if store_path else None, store_dir=STORE_DIR,
-            profile=profile,
+            profile=profile, optimize_quant=optimize_quant,
             timeline=Path(timeline) if timeline else None, trace_out=Path(trace_out) if trace_out else None,
             progress=progress)
     finally:

@@ -39,3 +39,22 @@ def test_cuda_quantised_fate_runs() -> None:
                                 memory_budget="50%", device=dev, store="ram", max_new_tokens=NEW_TOKENS)
     assert result["bytes_transferred"]["total"] > 0
     assert all(len(g) == NEW_TOKENS for g in gen.generated)
+
+
+def test_cuda_streamed_run_holds_non_experts_slots_and_kv_only(tmp_path) -> None:
+    """Issue 10 item 6: on a GPU the device holds the non-expert weights, the expert slots and the KV cache
+    (plus activations and cuBLAS's workspace), not the routed experts: between a 10% and a 90% budget the
+    peak device memory grows by the expert slots the budget adds (it would not move if every expert were
+    on the device), and it is reported in the metrics JSON."""
+    import json
+
+    from realrun.session import run_realrun
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"token_ids": ids}) + "\n" for ids in PROMPTS.token_ids))
+    small, large = (run_realrun("mini-qwen-moe", prompts, "lru", budget, device="cuda", store="ram",
+                                max_new_tokens=4, dtype="bfloat16") for budget in ("10%", "90%"))
+    slots = large["expert_budget_bytes"] - small["expert_budget_bytes"]
+    grown = large["peak_device_bytes"] - small["peak_device_bytes"]
+    assert 0.8 * slots <= grown <= 1.2 * slots
+    assert small["peak_host_rss_bytes"] > 0

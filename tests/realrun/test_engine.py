@@ -160,7 +160,8 @@ def test_metrics_keys_timeline_and_trace_of_the_run(references, tmp_path: Path) 
                                trace_out=trace_path)
     assert set(METRIC_KEYS) <= set(result)
     assert {"policy", "policy_components", "memory_budget_bytes", "expert_budget_bytes", "slots_per_layer",
-            "peak_expert_bytes", "profile", "model", "trace_hash", "generated", "io"} <= set(result)
+            "peak_expert_bytes", "profile", "model", "trace_hash", "generated", "io", "peak_device_bytes",
+            "peak_host_rss_bytes"} <= set(result)
     assert engine.max_resident_bytes <= result["peak_expert_bytes"] <= result["expert_budget_bytes"]
     events = json.loads(timeline.read_text())["traceEvents"]
     names = {e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
@@ -170,7 +171,8 @@ def test_metrics_keys_timeline_and_trace_of_the_run(references, tmp_path: Path) 
     assert result["trace_hash"] == trace.content_hash()
     simulated = replay(trace, policy=build_policy("fate", LOSSLESS_FATE_AS_BEFORE), hw="rtx3090-bound",
                        memory_budget="50%")
-    assert set(simulated) == set(result) - {"generated", "io"}  # realrun and replay emit the same keys
+    realrun_only = {"generated", "io", "peak_device_bytes", "peak_host_rss_bytes"}
+    assert set(simulated) == set(result) - realrun_only  # realrun and replay emit the same keys
     io = result["io"]
     assert io["copies"] > 0 and io["busy_s"] > 0
     assert 0 < io["bytes"] <= result["bytes_transferred"]["total"]  # copies cancelled before they ran are not in
