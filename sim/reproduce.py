@@ -24,7 +24,6 @@ from sim.accounting import GIB
 from sim.hardware import HardwareProfile, load_profile
 from sim.paper_traces import PAPER_MODELS, paper_trace
 from sim.papers import FATE_FIGURES, PaperFigure
-from sim.policies.presets import build_policy
 from sim.replay import LoadedTrace, load, replay
 from traces.errors import UserError
 
@@ -39,8 +38,7 @@ PROMPT_TOKENS = 512
 
 SERIAL_LOD_OVERRIDES = {"serial_loads": "true"}
 """Load-on-demand with serial copies (each load starts after the previous expert of the step computed): the
-controller option `serial_loads` of the kernel rewrite. Until `build_policy` accepts the key the variant is
-reported as not run."""
+controller option `serial_loads`."""
 
 VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "lod": ("lod", {}),
@@ -54,16 +52,6 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
 }
 """Policies of the grid: the three presets and the baseline variants (the paper defines neither its EAP nor
 whether its load-on-demand overlaps copies, so the figures report the range the variants span)."""
-
-
-def variant_available(name: str) -> bool:
-    """Whether this build's presets accept the variant's keys (the serial lod needs the kernel rewrite)."""
-    preset, overrides = VARIANTS[name]
-    try:
-        build_policy(preset, overrides)
-    except UserError:
-        return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -102,7 +90,7 @@ def load_grid_traces(progress: Callable[[str], None] | None = None) -> dict[str,
 def run_grid(traces: dict[str, LoadedTrace], profiles: Iterable[HardwareProfile],
              variants: Iterable[str] | None = None) -> list[GridRun]:
     """Every (model, profile, budget, variant) of the grid; profiles named `<machine>-<engine>`."""
-    names = [v for v in (variants or VARIANTS) if variant_available(v)]
+    names = list(variants or VARIANTS)
     runs = []
     for hw in profiles:
         machine = machine_of(hw.name)
@@ -266,11 +254,10 @@ def reproduce_fate(progress: Callable[[str], None] | None = None, *, with_bound:
     accuracy = prefetch_accuracy(traces["qwen1.5-moe-a2.7b"])
     rows = fate_rows(grid, accuracy)
     bound_rows = fate_rows(grid, accuracy, engine="bound") if with_bound else None
-    unavailable = [v for v in VARIANTS if not variant_available(v)]
     return {"figures": rows, "bound_figures": bound_rows, "runs": [r.to_json() for r in runs],
             "profiles": {p.name: p.provenance for p in profiles},
             "traces": {m: {"trace_hash": t.trace_hash, "model": t.trace.model} for m, t in traces.items()},
-            "unavailable_variants": unavailable, "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start}
 
 
 @click.command()
@@ -289,8 +276,6 @@ def reproduce(what: str, as_json: bool, realtraces: str | None) -> None:
             click.echo(json.dumps(result))
             return
         click.echo(format_fate(result["figures"], result["bound_figures"]))
-        if result["unavailable_variants"]:
-            click.echo(f"not run (this build's presets lack the option): {', '.join(result['unavailable_variants'])}")
         click.echo(f"{len(result['runs'])} replays in {result['seconds']:.0f} s; profiles: "
                    + "; ".join(f"{k}: {v}" for k, v in result["profiles"].items() if "hf-eager" in k))
         return

@@ -24,7 +24,6 @@ import numpy as np
 
 from sim.paper_traces import PAPER_MODELS, paper_trace
 from sim.papers import LRC_FIGURES, SPECULATE_FIGURES
-from sim.policies.presets import PRESETS
 from sim.replay import load, replay
 from traces.errors import UserError
 from traces.format import Trace, read_trace, validate_trace
@@ -62,7 +61,7 @@ def at_context(trace: Trace, context: int) -> Trace:
 
 def reproduce_speculate(progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Every (profile, model, context, policy) run and the figures' simulated ranges."""
-    policies = [p for p in SPECULATE_POLICIES if p in PRESETS]
+    policies = list(SPECULATE_POLICIES)
     runs = []
     for model in PAPER_MODELS:
         base = read_trace(paper_trace(model, 512, progress=progress))
@@ -93,8 +92,7 @@ def reproduce_speculate(progress: Callable[[str], None] | None = None) -> dict[s
     figures = [{"key": f.key, "figure": f.what, "paper": (f.value, f.high), "source": f.source, "role": f.role,
                 "simulated": simulated[f.key], "simulated_vs_same_cache": same_cache[f.key]}
                for f in SPECULATE_FIGURES]
-    missing = [p for p in SPECULATE_POLICIES if p not in PRESETS]
-    return {"figures": figures, "runs": runs, "unavailable_policies": missing, "budget": SPECULATE_BUDGET}
+    return {"figures": figures, "runs": runs, "budget": SPECULATE_BUDGET}
 
 
 def format_speculate(result: dict[str, Any]) -> str:
@@ -113,8 +111,6 @@ def format_speculate(result: dict[str, Any]) -> str:
                      f"{100 * slo:>11.1f}–{100 * shi:.1f}% {100 * clo:>13.1f}–{100 * chi:.1f}%")
     lines.append(f"budget {result['budget']} of the routed experts (fatesim accounting); transfer share: the "
                  "baseline's link busy time over its decode time (lod, or lru in the last column)")
-    if result["unavailable_policies"]:
-        lines.append(f"not run (no such preset in this build): {', '.join(result['unavailable_policies'])}")
     return "\n".join(lines)
 
 
