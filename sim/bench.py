@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -137,6 +138,7 @@ def cases(repeat: int, slow_repeat: int, env: dict[str, str], out_dir: Path) -> 
 def shown(case: Case) -> str:
     """The command as a user types it, with the cache folder shortened."""
     text = "fatesim " + shlex.join(case.args)
+    text = re.sub(r"\S*/fatesim-bench-[^/\s]+/", "", text)  # the temporary output folder
     return text.replace(str(cache_dir()), "$BENCH").replace(str(REPO) + "/", "").replace(" --json", "")
 
 
