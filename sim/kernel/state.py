@@ -215,6 +215,8 @@ class State(NamedTuple):
     """[N] float64 experts the running decode step shares with each stored path, layer by layer so far."""
     eap_counts: np.ndarray
     """[E] float64 prefill prediction: stored paths routing each expert of the target layer."""
+    use_cursor: np.ndarray
+    """[L * E] int64 (Belady) per expert, the index into use_steps of its next use from the last step asked."""
 
 
 (C_FREE_TRANSFERS, C_QUEUE, C_HEAP, C_LINK_SEQ, C_QUEUE_SEQ, C_SERIAL, C_TICK, C_OCCUPIED, C_PEAK, C_STEP,
@@ -253,7 +255,7 @@ def new_state(inputs: Inputs, settings: Settings, num_layers: int, num_experts: 
         routed_per_layer=np.zeros(num_layers, i64), step_start_at=np.zeros(steps, f64),
         step_end_at=np.zeros(steps, f64), deferred=np.zeros(pool, i64),
         eap_paths=np.zeros(eap, np.bool_), eap_current=np.zeros(eap[1:], np.bool_), eap_score=np.zeros(eap[0], f64),
-        eap_counts=np.zeros(eap[2], f64),
+        eap_counts=np.zeros(eap[2], f64), use_cursor=inputs.use_ptr[:-1].copy(),
     )
 
 
