@@ -1,70 +1,240 @@
-"""`python -m sim.bench`: how fast the simulator replays, in MoE layer-steps per second.
+"""`python -m sim.bench` (`make bench`): how fast fatesim is, measured as a user sees it.
 
-A layer-step is one MoE layer of one forward step (a prefill chunk or a decode token). We replay a
-synthetic Qwen1.5-MoE-shaped trace (24 MoE layers, 60 experts, top-4, look-ahead logits, 1 sequence of 32
-prompt and N decode tokens) under `lod`, `lru` and `fate` on the RTX 3090 profile at a 25% budget, best
-of `--repeat` runs (`lod` also through the general engine loop, without its closed form), and time a
-100-configuration sweep (5 presets x 5 budgets x 4 profiles) on a shorter trace
-with `replay_many`. Wall time and this process's CPU time are both reported: on a shared machine the CPU
-figure is what one core delivers.
+Each command of issue 14's speed targets runs as a subprocess of this tree's code (`python -m sim.cli ...`,
+what the `fatesim` script runs), timed from process start to exit: imports, reading the trace, building the
+workload, loading (or compiling) the numba kernel, the replay, the output. The table gives for each the
+layer-steps (one MoE layer of one forward step), the best wall time of `--repeat` runs (`--slow-repeat` for
+plan and train-estimator; an untimed run before them, but for train-estimator, which loads no kernel: a
+cold numba cache compiles there, as on the first run after an install), layer-steps per
+second of that wall time, the target and whether it is met, and the CPU time of that run (user + system,
+this machine's cores being shared, the figure one core delivers). Below it the in-process replay rates
+(best of `--repeat` after a warm-up, the trace already loaded) show the start-up cost apart.
+
+The inputs:
+- `esft-*`: the ESFT `intent` routing log (`../shared/realtraces/deepseek-ai__ESFT`, 8,222 tokens, first 16
+  positions of each sequence as prompt), imported once into `$FATESIM_CACHE/bench` (default
+  ~/.cache/fatesim/bench; the import is timed apart, not part of the replay figure);
+- `demo-fate`, `train-estimator`: the demo trace `traces/data/mini-qwen-moe.safetensors` (`make trace`);
+- `plan`: the README's capacity-planning example on the Mixtral decode log
+  (`../shared/realtraces/Mario928__speculative-moe`), imported once likewise.
+A command whose input is missing is skipped with one line saying why; no figure is made up.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import re
+import shlex
+import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import click
 
-from sim.replay import load, replay, replay_many
-from sim.synthetic import synthetic_trace
+REPO = Path(__file__).resolve().parent.parent
+REALTRACES = REPO.parent / "shared" / "realtraces"
+ESFT_LOG = REALTRACES / "deepseek-ai__ESFT" / "expert_scores" / "intent"
+MIXTRAL_LOGS = [REALTRACES / "Mario928__speculative-moe" / "routing_data_collected" / f"{name}_2_routing.jsonl"
+                for name in ("gsm8k", "humaneval")]
+DEMO_TRACE = REPO / "traces" / "data" / "mini-qwen-moe.safetensors"
+REPLAY_ARGS = ("--hw", "rtx3090-bound", "--memory-budget", "25%")
 
-SWEEP_POLICIES = ("lod", "lru", "eap", "fate", "oracle")
-SWEEP_BUDGETS = ("10%", "20%", "30%", "40%", "50%")
-SWEEP_PROFILES = ("rtx3090-bound", "gtx1080ti-bound", "rtx4090-bound", "h100-bound")
+
+def cache_dir() -> Path:
+    """Where the imported logs are kept between runs: $FATESIM_CACHE/bench (default ~/.cache/fatesim/bench)."""
+    root = os.environ.get("FATESIM_CACHE") or str(Path.home() / ".cache" / "fatesim")
+    return Path(root) / "bench"
 
 
-def _timed(fn) -> tuple[float, float, object]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    return time.perf_counter() - wall, time.process_time() - cpu, out
+@dataclass
+class Run:
+    wall_s: float
+    cpu_s: float
+    returncode: int
+    stdout: str
+    stderr: str
+    load: float
+
+
+@dataclass
+class Case:
+    name: str
+    args: list[str]
+    """fatesim arguments (the command is `python -m sim.cli ARGS`)."""
+    target: str
+    """What issue 14 asks: ("rate", minimum layer-steps/s wall) or ("wall", maximum seconds)."""
+    bound: float
+    repeat: int
+    warm_up: bool = True
+    """One untimed run first (the commands that load the numba kernel: a cold cache compiles it there)."""
+    missing: str | None = None
+    """Why this case cannot run here (its input is missing), or None."""
+    runs: list[Run] = field(default_factory=list)
+    layer_steps: int | None = None
+
+
+def timed_fatesim(args: list[str], env: dict[str, str]) -> Run:
+    """Run `fatesim ARGS` (this tree's code) as a subprocess: wall time from start to exit, and its CPU time
+    (user + system; the child has been reaped when communicate returns, so RUSAGE_CHILDREN grew by it)."""
+    import resource
+
+    load = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "sim.cli", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return Run(wall, cpu, proc.returncode, stdout, stderr, load)
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("PYTHONHASHSEED", "0")
+    return env
+
+
+def ensure_import(out: Path, import_args: list[str], env: dict[str, str], sources: list[Path]) -> str | None:
+    """Import a public log into the bench cache once; None when `out` is there, else why it cannot be."""
+    if out.is_file():
+        return None
+    absent = [str(p) for p in sources if not p.exists()]
+    if absent:
+        return f"input missing: {absent[0]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run = timed_fatesim([*import_args, "--out", str(out)], env)
+    if run.returncode != 0:
+        return f"import failed: {run.stderr.strip().splitlines()[-1] if run.stderr.strip() else run.returncode}"
+    click.echo(f"imported {out.name} into {out.parent} in {run.wall_s:.1f} s (once; not part of any figure)")
+    return None
+
+
+def cases(repeat: int, slow_repeat: int, env: dict[str, str], out_dir: Path) -> list[Case]:
+    folder = cache_dir()
+    esft = folder / "esft-intent-p16.safetensors"
+    mixtral = folder / "mixtral-decode.safetensors"
+    esft_missing = ensure_import(esft, ["trace", "import", "esft", str(ESFT_LOG), "--prompt-tokens", "16"], env,
+                                 [ESFT_LOG])
+    mixtral_missing = ensure_import(mixtral, ["trace", "import", "mixtral-jsonl", *map(str, MIXTRAL_LOGS)], env,
+                                    MIXTRAL_LOGS)
+    demo_missing = None if DEMO_TRACE.is_file() else f"input missing: {DEMO_TRACE} (make trace records it)"
+    out = []
+    for policy in ("lru", "oracle"):
+        out.append(Case(f"esft-{policy}", ["replay", "--trace", str(esft), "--policy", policy, *REPLAY_ARGS, "--json"],
+                        "rate", 300_000, repeat, esft_missing))
+    out.append(Case("demo-fate", ["replay", "--trace", str(DEMO_TRACE), "--as-model", "qwen1.5-moe-a2.7b",
+                                  "--policy", "fate", *REPLAY_ARGS, "--json"], "rate", 200_000, repeat, demo_missing))
+    out.append(Case("plan", ["plan", "--model", "mixtral-8x7b", "--hw", "h100-bound", "--target-decode", "5",
+                             "--trace", str(mixtral), "--quiet"], "wall", 10.0, slow_repeat, mixtral_missing))
+    out.append(Case("train-estimator", ["train-estimator", "--trace", str(DEMO_TRACE), "--out",
+                                        str(out_dir / "estimator.safetensors"), "--quiet"], "wall", 60.0,
+                    slow_repeat, warm_up=False, missing=demo_missing))
+    return out
+
+
+def shown(case: Case) -> str:
+    """The command as a user types it, with the cache folder shortened."""
+    text = "fatesim " + shlex.join(case.args)
+    text = re.sub(r"\S*/fatesim-bench-[^/\s]+/", "", text)  # the temporary output folder
+    return text.replace(str(cache_dir()), "$BENCH").replace(str(REPO) + "/", "").replace(" --json", "")
+
+
+def in_process(case: Case, repeat: int) -> tuple[int, float, float, float]:
+    """(layer-steps, best wall s, best CPU s, first-replay wall s) of `replay` in this process, trace loaded once."""
+    from sim.replay import load, replay
+
+    args = case.args
+    trace = args[args.index("--trace") + 1]
+    kwargs = dict(policy=args[args.index("--policy") + 1], hw="rtx3090-bound", memory_budget="25%")
+    if "--as-model" in args:
+        kwargs["as_model"] = args[args.index("--as-model") + 1]
+    loaded = load(trace)
+    start = time.perf_counter()
+    steps = replay(loaded, **kwargs)["layer_steps"]  # warm-up: loads the kernel
+    first = time.perf_counter() - start
+    best_wall = best_cpu = float("inf")
+    for _ in range(repeat):
+        wall, cpu = time.perf_counter(), time.process_time()
+        replay(loaded, **kwargs)
+        best_wall, best_cpu = min(best_wall, time.perf_counter() - wall), min(best_cpu, time.process_time() - cpu)
+    return steps, best_wall, best_cpu, first
 
 
 @click.command()
-@click.option("--decode-tokens", default=1000, show_default=True, help="Decode tokens of the benchmark trace.")
-@click.option("--sweep-decode-tokens", default=200, show_default=True, help="Decode tokens of the sweep's trace.")
-@click.option("--repeat", default=3, show_default=True, help="Runs per policy; the best is reported.")
-def main(decode_tokens: int, sweep_decode_tokens: int, repeat: int) -> None:
-    """Print layer-steps per second for lod, lru and fate, and the wall time of a 100-configuration sweep."""
-    command = "python -m sim.bench " + " ".join(sys.argv[1:])
-    load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    click.echo(f"command: {command.strip()}")
-    click.echo(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, Python "
-               f"{platform.python_version()}, load average {load_avg:.2f} at start")
-    _, build_s, loaded = _timed(lambda: load(synthetic_trace(sequences=1, prompt_tokens=32,
-                                                              decode_tokens=decode_tokens, seed=0)))
-    click.echo(f"trace: 24 layers, 60 experts, top-4, 32 prompt + {decode_tokens} decode tokens "
-               f"(prepared in {build_s:.2f} s CPU)")
-    for policy, mode, label in (("lod", "fast", "lod (closed form, sim/fastpath.py)"),
-                                ("lod", "engine", "lod (engine loop)"), ("lru", "fast", "lru (engine loop)"),
-                                ("fate", "fast", "fate (engine loop)")):
-        best_wall = best_cpu = float("inf")
-        steps = 0
-        for _ in range(repeat):
-            wall, cpu, m = _timed(lambda p=policy, md=mode: replay(loaded, policy=p, hw="rtx3090-bound",
-                                                                   memory_budget="25%", mode=md))
-            best_wall, best_cpu, steps = min(best_wall, wall), min(best_cpu, cpu), m["layer_steps"]
-        click.echo(f"{label:>34}: {steps} layer-steps, {steps / best_wall:,.0f} layer-steps/s wall, "
-                   f"{steps / best_cpu:,.0f} layer-steps/s CPU (best of {repeat})")
-    sweep_trace = load(synthetic_trace(sequences=1, prompt_tokens=32, decode_tokens=sweep_decode_tokens, seed=1))
-    configs = [dict(policy=p, memory_budget=b, hw=h) for p in SWEEP_POLICIES for b in SWEEP_BUDGETS
-               for h in SWEEP_PROFILES]
-    wall, cpu, results = _timed(lambda: replay_many(sweep_trace, configs))
-    steps = sum(r["layer_steps"] for r in results)
-    click.echo(f"sweep: {len(configs)} configurations x 32 prompt + {sweep_decode_tokens} decode tokens in "
-               f"{wall:.1f} s wall ({cpu:.1f} s CPU, {steps / cpu:,.0f} layer-steps/s CPU)")
+@click.option("--repeat", default=3, show_default=True, help="Runs of each replay command; the best is reported.")
+@click.option("--slow-repeat", default=1, show_default=True, help="Runs of plan and train-estimator.")
+@click.option("--only", default=None, help="Comma-separated cases: esft-lru,esft-oracle,demo-fate,plan,train-estimator.")
+def main(repeat: int, slow_repeat: int, only: str | None) -> None:
+    """Time fatesim's commands as whole processes against issue 14's targets, then the in-process rates."""
+    import json
+
+    env = child_env()
+    click.echo(f"command: python -m sim.bench {' '.join(sys.argv[1:])}".rstrip())
+    click.echo(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+               f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at start")
+    with tempfile.TemporaryDirectory(prefix="fatesim-bench-") as tmp:
+        todo = cases(repeat, slow_repeat, env, Path(tmp))
+        if only:
+            wanted = {name.strip() for name in only.split(",")}
+            unknown = wanted - {c.name for c in todo}
+            if unknown:
+                raise click.BadParameter(f"unknown case(s) {sorted(unknown)}", param_hint="--only")
+            todo = [c for c in todo if c.name in wanted]
+        for case in todo:
+            if case.missing:
+                click.echo(f"skip {case.name}: {case.missing}")
+                continue
+            # one untimed run first: a cold numba cache compiles here (~1 min), as on the first run after install
+            warm = timed_fatesim(case.args, env) if case.warm_up else None
+            if warm is not None and warm.returncode != 0:
+                case.missing = f"failed: {warm.stderr.strip().splitlines()[-1] if warm.stderr.strip() else warm.returncode}"
+                click.echo(f"skip {case.name}: {case.missing}")
+                continue
+            for _ in range(case.repeat):
+                run = timed_fatesim(case.args, env)
+                if run.returncode != 0:
+                    case.missing = f"failed (exit {run.returncode}): {run.stderr.strip()[-300:]}"
+                    break
+                case.runs.append(run)
+            if case.missing:
+                click.echo(f"skip {case.name}: {case.missing}")
+                continue
+            if case.target == "rate":
+                case.layer_steps = int(json.loads(case.runs[0].stdout)["layer_steps"])
+            best = min(case.runs, key=lambda r: r.wall_s)
+            click.echo(f"ran {case.name}: best {best.wall_s:.2f} s wall of {len(case.runs)} "
+                       f"({', '.join(f'{r.wall_s:.2f}' for r in case.runs)}), load {best.load:.2f}", err=True)
+        click.echo("")
+        click.echo(f"{'case':16} {'layer-steps':>11} {'wall s':>7} {'CPU s':>6} {'steps/s wall':>12} "
+                   f"{'target':>14} {'met':>4} {'load':>5}  command")
+        for case in todo:
+            if not case.runs:
+                continue
+            best = min(case.runs, key=lambda r: r.wall_s)
+            if case.target == "rate":
+                rate = case.layer_steps / best.wall_s
+                target, met, steps, rate_s = (f">= {case.bound:,.0f}/s", rate >= case.bound, f"{case.layer_steps:,}",
+                                              f"{rate:,.0f}")
+            else:
+                target, met, steps, rate_s = f"<= {case.bound:.0f} s", best.wall_s <= case.bound, "–", "–"
+            click.echo(f"{case.name:16} {steps:>11} {best.wall_s:7.2f} {best.cpu_s:6.2f} {rate_s:>12} {target:>14} "
+                       f"{'yes' if met else 'NO':>4} {best.load:5.2f}  {shown(case)}")
+        rated = [c for c in todo if c.target == "rate" and c.runs]
+        if rated:
+            click.echo("")
+            click.echo(f"in-process replay (trace loaded once, kernel loaded by a warm-up replay; best of {repeat}):")
+            for case in rated:
+                steps, wall, cpu, first = in_process(case, repeat)
+                click.echo(f"{case.name:16} {steps:>11,} layer-steps: {steps / wall:,.0f}/s wall, {steps / cpu:,.0f}/s "
+                           f"CPU (first replay of the process {first:.2f} s wall), load {os.getloadavg()[0]:.2f}")
+    click.echo(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
 
 
 if __name__ == "__main__":

@@ -75,3 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("fatesim: interrupted", err=True)
         sys.exit(130)
+
+
+if __name__ == "__main__":  # `python -m sim.cli ...` runs this tree's code (what `make bench` times)
+    main()

@@ -5,9 +5,9 @@ asked for; otherwise it runs the reference engine (sim/engine.py with sim/polici
 give the same metrics bit for bit (tests/sim/test_kernel*.py). The kernel is numba-compiled (on-disk
 cache: the first replay after an install compiles for ~a minute, later processes load the machine code).
 
-Not in the kernel (the reference engine runs these): the `eap` and `learned` predictors and any other
-predictor outside `crosslayer`, `speculative`, `oracle`, `none` (they keep Python state or call Python
-code per layer), and timelines.
+Not in the kernel (the reference engine runs these): the `learned` predictor and any other predictor
+outside `crosslayer`, `speculative`, `noisy-oracle`, `oracle`, `eap`, `none` (they call Python code per
+layer), and timelines.
 """
 
 from __future__ import annotations
@@ -73,8 +73,10 @@ def replay(workload: Workload, ctl: OffloadController, costs: CostModel) -> Engi
     room = (config.depth + 8) * num_experts
     pool = sum(ctl.slots_per_layer) + 2 * room + 256
     core = _core()
+    policy = ctl.policy
+    eap_history = int(policy.eap_history) if policy.prediction == "eap" and policy.prefetch != "none" else 0
     while True:
-        state = new_state(data, config, num_layers, num_experts, pool)
+        state = new_state(data, config, num_layers, num_experts, pool, eap_history)
         with _numba_without_scipy():
             code, busy_s = core.run(data, config, state, new_scratch(num_experts, config.depth * num_experts + 1))
         if code != POOL_EXHAUSTED:

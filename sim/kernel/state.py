@@ -24,8 +24,8 @@ HYBRID = 4
 
 EVICTIONS = {"lru": 0, "lfu": 1, "arc": 2, "belady": 3, "none": 4}
 LRU, LFU, ARC, BELADY, NO_REUSE = 0, 1, 2, 3, 4
-PREDICTIONS = {"none": 0, "crosslayer": 1, "speculative": 1, "noisy-oracle": 1, "oracle": 2}
-NO_PREDICTION, LOOKAHEAD, ORACLE = 0, 1, 2
+PREDICTIONS = {"none": 0, "crosslayer": 1, "speculative": 1, "noisy-oracle": 1, "oracle": 2, "eap": 3}
+NO_PREDICTION, LOOKAHEAD, ORACLE, EAP = 0, 1, 2, 3
 PREFETCHES = {"none": 0, "fate": 1, "topk": 2, "all": 3}
 NO_PREFETCH, FATE, TOPK, ALL = 0, 1, 2, 3
 MISSES = {"wait": 0, "cpu": 1, "speculated": 2, "lowbit": 3}
@@ -205,16 +205,33 @@ class State(NamedTuple):
     step_end_at: np.ndarray
     deferred: np.ndarray
     """Transfers evicted or cancelled in the running layer step, freed when it ends; counts[C_DEFERRED]."""
+    # the eap predictor (sim.policies.prediction.EapPredictor; [1, 1, 1], [1, 1], [1] when unused)
+    eap_paths: np.ndarray
+    """[N, L, E] bool multi-hot path of each stored decode step (a ring of N = eap_history);
+    counts[C_EAP_STORED] stored so far."""
+    eap_current: np.ndarray
+    """[L, E] bool the running step's path."""
+    eap_score: np.ndarray
+    """[N] float64 experts the running decode step shares with each stored path, layer by layer so far."""
+    eap_counts: np.ndarray
+    """[E] float64 prefill prediction: stored paths routing each expert of the target layer."""
+    use_cursor: np.ndarray
+    """[L * E] int64 (Belady) per expert, the index into use_steps of its next use from the last step asked."""
 
 
 (C_FREE_TRANSFERS, C_QUEUE, C_HEAP, C_LINK_SEQ, C_QUEUE_SEQ, C_SERIAL, C_TICK, C_OCCUPIED, C_PEAK, C_STEP,
- C_DEFERRED, C_ERROR, C_COUNTS) = range(13)
+ C_DEFERRED, C_ERROR, C_EAP_STORED, C_EAP_DECODE, C_COUNTS) = range(15)
+"""C_EAP_DECODE: the eap predictor's phase (1: decode, its phase before the first step)."""
 (K_NOW, K_STALL, K_CPU_FREE, K_CPU_EXPERT_FREE, K_CLOCKS) = range(5)
 
 
-def new_state(inputs: Inputs, settings: Settings, num_layers: int, num_experts: int, pool: int) -> State:
-    """Fresh state for a replay with room for `pool` live transfers."""
+def new_state(inputs: Inputs, settings: Settings, num_layers: int, num_experts: int, pool: int,
+              eap_history: int = 0) -> State:
+    """Fresh state for a replay with room for `pool` live transfers (and `eap_history` eap paths)."""
     shape = (num_layers, num_experts)
+    eap = (eap_history, num_layers, num_experts) if eap_history else (1, 1, 1)
+    counts = [0] * C_COUNTS
+    counts[C_FREE_TRANSFERS], counts[C_EAP_DECODE] = pool, 1
     steps = len(inputs.step_tokens)
     f64, i64 = np.float64, np.int64
     return State(
@@ -233,10 +250,12 @@ def new_state(inputs: Inputs, settings: Settings, num_layers: int, num_experts: 
         free_transfers=np.arange(pool - 1, -1, -1, dtype=i64),
         engine_free_at=np.zeros(settings.copy_engines, f64), queue=np.zeros(pool, i64),
         heap_end=np.zeros(pool, f64), heap_seq=np.zeros(pool, i64), heap_tid=np.zeros(pool, i64),
-        counts=np.array([pool] + [0] * (C_COUNTS - 1), i64), clock=np.zeros(K_CLOCKS, f64),
+        counts=np.array(counts, i64), clock=np.zeros(K_CLOCKS, f64),
         stats=np.zeros(len(STAT_NAMES), i64), hits_per_layer=np.zeros(num_layers, i64),
         routed_per_layer=np.zeros(num_layers, i64), step_start_at=np.zeros(steps, f64),
         step_end_at=np.zeros(steps, f64), deferred=np.zeros(pool, i64),
+        eap_paths=np.zeros(eap, np.bool_), eap_current=np.zeros(eap[1:], np.bool_), eap_score=np.zeros(eap[0], f64),
+        eap_counts=np.zeros(eap[2], f64), use_cursor=inputs.use_ptr[:-1].copy(),
     )
 
 

@@ -25,7 +25,8 @@ LOGITS = np.array([-60000.0, -40.0, -1.0, 0.0, 0.5, 3.0, 40.0, 60000.0], dtype=n
 OVERRIDES = {
     "eviction": ["lru", "lfu", "arc", "belady", "none"],
     "prefetch": ["none", "fate", "topk", "all"],
-    "prediction": ["none", "crosslayer", "speculative", "oracle"],
+    "prediction": ["none", "crosslayer", "speculative", "oracle", "eap"],
+    "eap_history": ["1", "2", "256"],  # 1, 2: the ring of stored paths wraps
     "precision": ["bf16", "int4", "fate-hybrid"],
     "miss": ["wait", "cpu", "speculated", "lowbit"],
     "allocation": ["uniform", "shallow", "popularity"],
@@ -95,14 +96,12 @@ def test_every_preset_on_a_synthetic_trace(preset: str, profile: str) -> None:
         assert fast == reference, (preset, profile, budget)
 
 
-def test_the_fallback_decision(monkeypatch) -> None:
-    """Predictors that keep Python state or call Python code (eap, learned) run in the reference engine; the
-    others in the kernel; a timeline always in the reference engine."""
-    assert kernel.unsupported(build_policy("eap")) is not None
+def test_the_fallback_decision(monkeypatch, tmp_path) -> None:
+    """Predictors that call Python code per layer (learned) run in the reference engine; the others (eap
+    included) in the kernel; a timeline always in the reference engine."""
     assert kernel.unsupported(build_policy("fate", {"prediction": "learned"})) is not None
     for name in PRESETS:
-        if name != "eap":
-            assert kernel.unsupported(build_policy(name)) is None, name
+        assert kernel.unsupported(build_policy(name)) is None, name
     loaded = load(synthetic_trace(sequences=1, prompt_tokens=6, decode_tokens=5, seed=1))
 
     def no_kernel(*args, **kwargs):
@@ -110,9 +109,9 @@ def test_the_fallback_decision(monkeypatch) -> None:
 
     with monkeypatch.context() as patch:
         patch.setattr(kernel, "replay", no_kernel)
-        replay(loaded, policy="eap", memory_budget="20%")
+        replay(loaded, policy="eap", memory_budget="20%", timeline=tmp_path / "timeline.json")
         with pytest.raises(AssertionError, match="the kernel ran"):
-            replay(loaded, policy="lru", memory_budget="20%")
+            replay(loaded, policy="eap", memory_budget="20%")
 
 
 @pytest.mark.parametrize("preset, overrides", [
