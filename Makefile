@@ -60,13 +60,15 @@ bench-real: $(STAMP)
 # and the streaming `trace record` on full-size random checkpoints (realrun/checkpoint_gen.py) generated into
 # $FATESIM_CACHE/scale (~/.cache/fatesim/scale) and deleted afterwards. Qwen1.5-MoE-A2.7B is 28.6 GB on disk
 # (DeepSeekMoE-16B's substitute 32.4 GB): SCALE_MODELS=qwen1.5-moe-a2.7b,deepseek-moe-16b-as-deepseek-v2 runs
-# both, one after the other. Needs realrun's streaming loader to fit in RAM (issue 10).
+# both, one after the other. One torch thread per run: on a small shared machine OpenMP workers that get
+# descheduled make the many small ops of quantised experts 5-20x slower (fate decoded 0.13 tok/s with two
+# threads under load, 1.06 with one). SCALE_ARGS="--dtype bfloat16" for the bf16 compute figures.
 SCALE_MODELS ?= qwen1.5-moe-a2.7b
 SCALE_ARGS ?=
 
 bench-scale: $(STAMP)
 	mkdir -p bench
-	$(BIN)/python -m realrun.bench_scale --models $(SCALE_MODELS) --delete-after \
+	$(BIN)/python -m realrun.bench_scale --models $(SCALE_MODELS) --threads 1 --delete-after \
 		--out bench/scale-$$(hostname -s).json $(SCALE_ARGS)
 
 # Measure this machine (CPU, O_DIRECT disk tier, realrun's Qwen-shaped bench model) into a profile, then

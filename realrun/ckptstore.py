@@ -38,9 +38,8 @@ from realrun.store import (
     RecordSource,
     SlowStore,
     aligned_buffer,
-    read_header,
+    reusable_disk_store,
     round_up,
-    write_disk_store,
 )
 from sim.modelspec import ModelSpec
 from traces.errors import UserError
@@ -258,23 +257,9 @@ def _quantised_store(checkpoint: Checkpoint, spec: ModelSpec, records: Checkpoin
     from tqdm import tqdm
 
     fingerprint = store_fingerprint(checkpoint, layouts, optimize)
-    if store_path is None:
-        if store_dir is None:
-            raise UserError("a disk store needs a file path or a folder")
-        store_dir.mkdir(parents=True, exist_ok=True)
-        store_path = store_dir / f"experts-{fingerprint}.bin"
-    reuse = False
-    if store_path.exists():
-        try:
-            reuse = read_header(store_path).get("fingerprint") == fingerprint
-        except UserError:
-            reuse = False
-    if not reuse:
-        total = spec.num_moe_layers * spec.num_experts * len(layouts)
-        with tqdm(total=total, desc=f"packing {'+'.join(layouts)} experts", unit="expert", file=sys.stderr,
-                  disable=None, leave=False) as bar:
-            write_disk_store(store_path, layouts, spec.num_moe_layers, spec.num_experts,
-                             checkpoint_source(records, layouts, optimize=optimize), fingerprint, progress=bar.update)
-    store = DiskStore(store_path)
-    store.attach_layouts(layouts)
-    return store
+    total = spec.num_moe_layers * spec.num_experts * len(layouts)
+    with tqdm(total=total, desc=f"packing {'+'.join(layouts)} experts", unit="expert", file=sys.stderr,
+              disable=None, leave=False) as bar:  # only advances when the store is (re)built
+        return reusable_disk_store(layouts, spec.num_moe_layers, spec.num_experts,
+                                   checkpoint_source(records, layouts, optimize=optimize), fingerprint,
+                                   store_path=store_path, store_dir=store_dir, progress=bar.update)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from realrun.quant import ExpertLayout, expert_layout, pack_expert, split_fused
-from realrun.store import DiskStore, RamStore, SlowStore, read_header, write_disk_store
+from realrun.store import RamStore, SlowStore, reusable_disk_store
 from sim.modelspec import ModelSpec
 from sim.policies.presets import PolicyConfig
 from sim.policies.requirements import storage_precisions as policy_storage_precisions
@@ -162,22 +162,8 @@ def build_store(spec: ModelSpec, blocks: list[tuple[int, nn.Module]], precisions
     if kind != "disk":
         raise UserError(f"unknown store {kind!r}; choose disk or ram")
     fingerprint = weights_fingerprint(spec, blocks, [f"{p}:{lay.packing}" for p, lay in layouts.items()], optimize)
-    if store_path is None:
-        if store_dir is None:
-            raise UserError("a disk store needs a file path or a folder")
-        store_dir.mkdir(parents=True, exist_ok=True)
-        store_path = store_dir / f"experts-{fingerprint}.bin"
-    reuse = False
-    if store_path.exists():
-        try:
-            reuse = read_header(store_path).get("fingerprint") == fingerprint
-        except UserError:
-            reuse = False
-    if not reuse:
-        write_disk_store(store_path, layouts, spec.num_moe_layers, spec.num_experts, source, fingerprint,
-                         progress=progress)
-    store = DiskStore(store_path)
-    store.attach_layouts(layouts)
+    store = reusable_disk_store(layouts, spec.num_moe_layers, spec.num_experts, source, fingerprint,
+                                store_path=store_path, store_dir=store_dir, progress=progress)
     return store, layouts
 
 

@@ -230,3 +230,27 @@ def iter_keys(num_layers: int, num_experts: int, precisions: list[str]) -> Itera
         for layer in range(num_layers):
             for expert in range(num_experts):
                 yield layer, expert, precision
+
+
+def reusable_disk_store(
+    layouts: dict[str, ExpertLayout], num_layers: int, num_experts: int, source: RecordSource, fingerprint: str, *,
+    store_path: Path | None = None, store_dir: Path | None = None, progress: Callable[[int], None] | None = None,
+) -> DiskStore:
+    """The disk store at `store_path` (or `store_dir`/experts-<fingerprint>.bin): reused when its header's
+    fingerprint matches, else written from `source` (atomically: a half-written store is never reused)."""
+    if store_path is None:
+        if store_dir is None:
+            raise UserError("a disk store needs a file path or a folder")
+        store_dir.mkdir(parents=True, exist_ok=True)
+        store_path = store_dir / f"experts-{fingerprint}.bin"
+    reuse = False
+    if store_path.exists():
+        try:
+            reuse = read_header(store_path).get("fingerprint") == fingerprint
+        except UserError:
+            reuse = False
+    if not reuse:
+        write_disk_store(store_path, layouts, num_layers, num_experts, source, fingerprint, progress=progress)
+    store = DiskStore(store_path)
+    store.attach_layouts(layouts)
+    return store

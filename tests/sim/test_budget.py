@@ -7,10 +7,10 @@ import json
 import pytest
 
 from sim.budget import largest_share, resolve_budget
-from sim.cli import main
 from sim.modelspec import get_model_spec
 from sim.replay import load, replay
 from sim.synthetic import synthetic_trace
+from tests.cli_run import run_cli as _run
 from traces.errors import UserError
 from traces.format import write_trace
 
@@ -24,16 +24,6 @@ def qwen_trace(tmp_path_factory):
     path = tmp_path_factory.mktemp("budget") / "q.safetensors"
     write_trace(synthetic_trace(sequences=2, prompt_tokens=8, decode_tokens=12, seed=4), path)
     return path
-
-
-def _run(capsys, argv: list[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_percentage_is_resident_with_the_kv_cache_plus_that_share_of_the_experts() -> None:

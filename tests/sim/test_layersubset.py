@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from sim.cli import main
 from sim.layersubset import layer_coverage, subset_spec
 from sim.modelspec import get_model_spec
 from sim.replay import load, replay, resolve_spec
 from sim.synthetic import synthetic_trace
+from tests.cli_run import run_cli as _run
 from traces.errors import UserError
 from traces.format import TraceModelConfig, write_trace
 
@@ -32,16 +32,6 @@ def partial_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("subset") / "five.safetensors"
     write_trace(partial_trace(), path)
     return path
-
-
-def _run(capsys, argv: list[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_coverage_knows_the_models_layers() -> None:

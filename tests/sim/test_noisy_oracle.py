@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from sim.cli import main
 from sim.policies.noisy_oracle import noisy_oracle_signals, rank_values, recall_from_report
 from sim.policies.prediction import make_predictor
 from sim.replay import replay
 from sim.synthetic import synthetic_trace
+from tests.cli_run import run_cli as _run
 from traces.errors import UserError
 from traces.format import write_trace
 
@@ -159,16 +159,6 @@ def test_per_layer_recall_from_a_predictors_report(tmp_path) -> None:
 def test_realrun_cannot_use_it() -> None:
     with pytest.raises(UserError, match="simulator has it, realrun not"):
         make_predictor("noisy-oracle", num_layers=2, num_experts=4, top_k=1, depth=1, eap_history=1, future=None)
-
-
-def _run(capsys, argv: list[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_compare_keeps_the_rows_it_can_compute(capsys, tmp_path, real_like) -> None:

@@ -9,6 +9,7 @@ import pytest
 from sim.cli import main
 from sim.policies.presets import PRESETS
 from sim.synthetic import synthetic_trace
+from tests.cli_run import run_cli as _run
 from traces.format import write_trace
 
 
@@ -17,16 +18,6 @@ def trace_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "syn.safetensors"
     write_trace(synthetic_trace(sequences=1, prompt_tokens=8, decode_tokens=20, seed=2), path)
     return path
-
-
-def _run(capsys, argv: list[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_replay_prints_a_short_table(capsys, trace_file, tmp_path) -> None:
@@ -93,7 +84,6 @@ def test_compare_prints_one_table_with_speedups(trace_file, capsys) -> None:
 
 
 def test_compare_refuses_unknown_policy_with_exit_2(trace_file, capsys) -> None:
-    from sim.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["compare", "--trace", str(trace_file), "--policies", "lod,nope"])
