@@ -275,6 +275,34 @@ def test_a_cancel_that_comes_after_the_copy_started_still_orders_the_slot(refere
         engine.close()
 
 
+def test_a_promoted_prefetch_overtakes_prefetches_queued_before_it(references) -> None:
+    """The controller promotes a queued prefetch its layer now needs (`plan.promoted`): the engine passes it
+    on to the I/O thread, which then starts it before a prefetch queued earlier, as the simulated link does.
+    (Without the engine's hand-over, the queue keeps submission order and the earlier prefetch goes first.)"""
+    from sim.policies.controller import LayerPlan
+
+    dev = FakeDevice(lazy=True)
+    engine = open_engine(references, "qwen2_moe", "lru", {}, dev)
+    gate = _held(engine)
+    try:
+        engine.start_forward(0, "prefill", 1)
+        blocker = Transfer(1, 0, "bf16", 0, "demand", 0, 0)
+        engine._submit(blocker)
+        _wait_started(engine, blocker)
+        early = Transfer(0, 3, "bf16", 0, "prefetch", 0, 0)
+        needed = Transfer(0, 4, "bf16", 0, "prefetch", 1, 0)
+        engine._submit(early)
+        engine._submit(needed)
+        engine._execute(LayerPlan(layer=0, step=0, promoted=[needed]), None, None, None, None, None)
+        gate.set()
+        engine._await(early)
+        engine._await(needed)
+        assert engine._copies[needed].started_at < engine._copies[early].started_at
+    finally:
+        gate.set()
+        engine.close()
+
+
 def _wait_started(engine: OffloadEngine, t: Transfer) -> None:
     copy = engine._copies[t]
     while copy.started_at is None:
