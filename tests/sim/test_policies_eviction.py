@@ -42,6 +42,9 @@ def test_arc_sequence_and_ghost_adaptation() -> None:
     arc.on_remove(1)
     arc.on_insert(2, 3)
     assert arc.p == 1.0 and list(arc.t2) == [2] and list(arc.t1) == [3]
+    assert list(arc.b2) == [1] and list(arc.b1) == []
+    victim = arc.victim({2, 3}, 1, 4)  # 1 is a B2 ghost: p shrinks by max(|B1|/|B2|, 1) = 1, to 0
+    assert arc.p == 0.0 and victim == 3  # |T1| = 1 > p: T1's LRU goes
 
 
 def test_belady_sequence() -> None:
