@@ -13,13 +13,13 @@ substitute with `--models`, or any config.json with `--config`):
    and from its JSON prefill and decode tokens/s, bytes read from the slow tier, hit rate; the expert
    stores each run created in the children's `$FATESIM_CACHE/stores` (a folder of this bench's own);
 4. run `fatesim trace record --model DIR --prompts P --out T --lookahead 2 --memory-budget B` (the
-   streaming recorder) when the CLI accepts `--memory-budget`; otherwise it is reported as not run, with why;
+   streaming recorder, in the same `--dtype`);
 5. with `--delete-after`, delete the checkpoint and everything the runs wrote, before the next model (one
    model on disk at a time: the machine this was written on has 75 GB free).
 
 It prints a Markdown table and writes a JSON (atomically) with every figure, the exact command lines, host
-and date. The children only use the command line, so they take whatever loading path `fatesim realrun` has
-(in-memory today, the streaming loader once it lands) with no change here. A child that fails (exit status,
+and date. The children only use the command line (`fatesim realrun` and `trace record` stream the
+checkpoint: `realrun.streaming`), so the figures are what a user gets. A child that fails (exit status,
 signal, or `--timeout-s`) is recorded with its stderr tail and makes this command exit 1 once the JSON is
 written.
 """
@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import shlex
 import shutil
 import signal
@@ -146,19 +145,6 @@ def child_env(store_cache: Path, threads: int | None) -> dict[str, str]:
     return env
 
 
-def parse_options(help_text: str) -> set[str]:
-    """The long options a click --help text lists."""
-    return set(re.findall(r"--[a-z0-9][a-z0-9-]*", help_text))
-
-
-def cli_options(command: list[str], env: dict[str, str]) -> set[str]:
-    """The long options `fatesim COMMAND --help` lists (what this checkout's CLI accepts)."""
-    run = run_child(fatesim_argv(*command, "--help"), env)
-    if run.status != "ok":
-        raise RuntimeError(f"fatesim {' '.join(command)} --help failed: {run.stderr.strip()[-500:]}")
-    return parse_options(run.stdout)
-
-
 def write_prompts(path: Path, num_prompts: int, prompt_tokens: int, vocab_size: int, seed: int) -> None:
     """Random token-id prompts (seeded), one JSON line each."""
     import numpy as np
@@ -242,17 +228,10 @@ def bench_model(name: str, config: dict[str, Any], *, cache: Path, policies: tup
     }
     prompts = work / "prompts.jsonl"
     write_prompts(prompts, num_prompts, prompt_tokens, int(config["vocab_size"]), seed)
-    realrun_options = cli_options(["realrun"], env)
-    extra: list[str] = []
-    if dtype is not None:
-        if "--dtype" not in realrun_options:
-            raise UserError("--dtype was given but this checkout's `fatesim realrun` has no --dtype option yet")
-        extra = ["--dtype", dtype]
-    if "--no-quant-optimize" in realrun_options:
-        # random weights: HQQ's optimiser would spend ~90 min on one core for accuracy nobody measures here
-        extra.append("--no-quant-optimize")
-    entry["workload"]["quantisation"] = ("plain min/max rounding (--no-quant-optimize)"
-                                         if "--no-quant-optimize" in extra else "HQQ optimiser")
+    dtype_args = ["--dtype", dtype] if dtype is not None else []
+    # random weights: HQQ's optimiser would spend ~90 min on one core for accuracy nobody measures here
+    extra = [*dtype_args, "--no-quant-optimize"]
+    entry["workload"]["quantisation"] = "plain min/max rounding (--no-quant-optimize)"
     labels = list(policies) + (["fate"] if repeat_fate and "fate" in policies else [])
     seen: set[str] = set()
     try:
@@ -280,8 +259,8 @@ def bench_model(name: str, config: dict[str, Any], *, cache: Path, policies: tup
         if firsts and again and firsts[0]["stores_created"] and not again[0]["stores_created"]:
             # the second run found the store and skipped building it; everything else is the same run
             entry["fate_store_build_s_estimate"] = firsts[0]["wall_s"] - again[0]["wall_s"]
-        entry["trace_record"] = bench_trace(folder, prompts, work, budget, new_tokens, env, timeout_s, echo) \
-            if trace else {"status": "not run", "reason": "--no-trace"}
+        entry["trace_record"] = bench_trace(folder, prompts, work, budget, new_tokens, env, timeout_s, echo,
+                                            dtype_args) if trace else {"status": "not run", "reason": "--no-trace"}
         entry["bytes_written_by_runs"] = sum(folder_files(work).values())
     finally:
         if delete_after:
@@ -292,15 +271,12 @@ def bench_model(name: str, config: dict[str, Any], *, cache: Path, policies: tup
 
 
 def bench_trace(folder: Path, prompts: Path, work: Path, budget: str, new_tokens: int, env: dict[str, str],
-                timeout_s: float | None, echo: Any) -> dict[str, Any]:
-    """One streaming `fatesim trace record` run, or why it was not run."""
-    if "--memory-budget" not in cli_options(["trace", "record"], env):
-        return {"status": "not run",
-                "reason": "this checkout's `fatesim trace record` has no --memory-budget option (the streaming "
-                          "recorder has not landed); without it the recorder loads the whole model"}
+                timeout_s: float | None, echo: Any, dtype_args: list[str]) -> dict[str, Any]:
+    """One streaming `fatesim trace record` run (the model offloaded within `budget`)."""
     out = work / "trace.safetensors"
     argv = fatesim_argv("trace", "record", "--model", str(folder), "--prompts", str(prompts), "--out", str(out),
-                        "--lookahead", "2", "--memory-budget", budget, "--max-new-tokens", str(new_tokens))
+                        "--lookahead", "2", "--memory-budget", budget, "--max-new-tokens", str(new_tokens),
+                        *dtype_args)
     echo(f"   trace record: {shown(argv)}", err=True)
     run = run_child(argv, env, timeout_s)
     record = _child_record(run)
@@ -394,7 +370,7 @@ def format_table(report: dict[str, Any]) -> str:
               show_default=True)
 @click.option("--timeout-s", type=click.FloatRange(min=1), default=None, help="Kill a child after this long.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="OMP_NUM_THREADS of the children.")
-@click.option("--dtype", default=None, help="Pass --dtype to realrun (needs a realrun that has it).")
+@click.option("--dtype", default=None, help="--dtype of every realrun and trace record run (default: theirs, auto).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the JSON here.")
 def main(models: str, configs: tuple[Path, ...], policies: str, budget: str, num_prompts: int, prompt_tokens: int,
          new_tokens: int, repeat_fate: bool, trace: bool, delete_after: bool, cache: Path, seed: int,
