@@ -18,9 +18,9 @@ budget), so a failure, a hang or a crash in one is logged and the next one still
 6. `validate`: `fatesim validate --device cuda --store ram --link observed` with that profile, one
    subprocess per preset (lod, lru, cpu-exec, speculate, fate: fate last, its INT4/INT2 packing is the
    slowest) x budgets 25%, 50%; merged into `validation.json` with one summary over all rows.
-7. `fullsize`: realrun on a full-size Qwen1.5-MoE-A2.7B-shaped checkpoint (28.6 GB) at a 20% budget,
-   which needs the streaming loader and the checkpoint generator of the real-size work (issue 10):
-   skipped with one line while `FULLSIZE_GENERATOR` or `FULLSIZE_LOADER` is missing, or when less than
+7. `fullsize`: realrun on a full-size Qwen1.5-MoE-A2.7B-shaped checkpoint (28.6 GB, written by
+   `realrun.checkpoint_gen`, streamed by `realrun.streaming`) at a 20% budget, INT4/INT2 packed without
+   HQQ's optimiser (random weights; with it, ~90 min of CPU): skipped with one line when less than
    `FULLSIZE_MIN_S` is left (run it alone with `--only fullsize --budget-s 600`).
 
 Files written (the GPU tool returns at most 8): summary.json (every step's status, seconds and result),
@@ -31,7 +31,6 @@ Exit status 1 when a step failed or ran out of time, else 0 (skipped steps are n
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -61,11 +60,6 @@ BITEXACT_PRESETS = {"lod": {}, "lru": {}, "fate": {"precision": "bf16"}, "specul
                     "mixtral-offloading": {"precision": "bf16"}, "eap": {}, "cpu-exec": {}}
 """Lossless presets (overrides that make them so); cpu-exec computes missed experts on the CPU."""
 BITEXACT_MODELS = ("mini-qwen-moe", "mini-deepseek-moe")
-FULLSIZE_GENERATOR = "realrun.checkpoint_gen:write_preset"
-"""module:function(folder, model="qwen1.5-moe-a2.7b", seed=0) -> folder writing a random-weight checkpoint in
-the hub's layout shard by shard (issue 10's `make bench-scale` generator)."""
-FULLSIZE_LOADER = "realrun.streaming"
-"""The streaming loader's module (issue 10): `fatesim realrun` streams experts from the checkpoint with it."""
 FULLSIZE_MIN_S = 240
 FULLSIZE_POLICIES = ("lru", "fate")
 CLI = "import sys; from sim.cli import main; main(sys.argv[1:])"
@@ -261,29 +255,20 @@ def bench_model(folder: Path, num_layers: int = 3) -> Path:
     return folder
 
 
-def fullsize_available() -> str | None:
-    """None when the full-size step can run, else the one-line reason it cannot."""
-    module, _, function = FULLSIZE_GENERATOR.partition(":")
-    if importlib.util.find_spec(FULLSIZE_LOADER) is None:
-        return f"the streaming loader ({FULLSIZE_LOADER}) is not in this tree yet"
-    if importlib.util.find_spec(module) is None or not hasattr(importlib.import_module(module), function):
-        return f"the full-size checkpoint generator ({FULLSIZE_GENERATOR}) is not in this tree yet"
-    return None
-
-
 def fullsize(scratch: Path, threads: int) -> dict[str, Any]:
     """Write the full-size checkpoint, then `fatesim realrun` each of FULLSIZE_POLICIES on it at 20%."""
-    module, _, function = FULLSIZE_GENERATOR.partition(":")
-    write = getattr(importlib.import_module(module), function)
+    from realrun.checkpoint_gen import write_preset
+
     folder = scratch / "qwen1.5-moe-a2.7b-random"
     started = time.perf_counter()
-    write(folder, "qwen1.5-moe-a2.7b", seed=0)
+    write_preset(folder, "qwen1.5-moe-a2.7b", seed=0)
     report: dict[str, Any] = {"checkpoint": str(folder), "generate_s": time.perf_counter() - started, "runs": []}
     for policy in FULLSIZE_POLICIES:
         started = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", CLI, "realrun", "--model", str(folder), "--policy", policy,
                                "--memory-budget", "20%", "--device", "cuda", "--store", "ram",
-                               "--max-new-tokens", "8", "--json"], capture_output=True, text=True, check=False)
+                               "--max-new-tokens", "8", "--json", "--no-quant-optimize"], capture_output=True,
+                              text=True, check=False)
         print(proc.stderr[-4000:], flush=True)
         run: dict[str, Any] = {"policy": policy, "exit": proc.returncode, "wall_s": time.perf_counter() - started}
         if proc.returncode == 0:
@@ -375,7 +360,7 @@ def _steps(check: Check, only: tuple[str, ...]) -> None:
         else:
             _validate(check, model, profile)
     if "fullsize" in only:
-        why = fullsize_available() if cuda else "torch sees no CUDA GPU"
+        why = None if cuda else "torch sees no CUDA GPU"
         if why is None and check.left_s() < FULLSIZE_MIN_S:
             why = f"{check.left_s():.0f} s left, it needs {FULLSIZE_MIN_S} s (run --only fullsize)"
         if why is not None:

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from calibration import gpu_check
-from calibration.gpu_check import Check, fullsize_available, main, profile_name, run_check, validation_merged
+from calibration.gpu_check import Check, main, profile_name, run_check, validation_merged
 from calibration.validate import summarize
 
 
@@ -80,19 +79,6 @@ def test_no_step_runs_past_the_budget(tmp_path: Path) -> None:
     check = Check(tmp_path, budget_s=0.5, scratch=tmp_path, threads=1)
     result = check.run("late", [sys.executable, "-c", "print(1)"], limit_s=60)
     assert result.status == "skipped" and "no time left" in result.detail
-
-
-def test_fullsize_step_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Until the streaming loader and the checkpoint generator exist, the step says which one is missing."""
-    real = gpu_check.importlib.util.find_spec
-    monkeypatch.setattr(gpu_check.importlib.util, "find_spec",
-                        lambda name, missing=gpu_check.FULLSIZE_LOADER: None if name == missing else real(name))
-    assert gpu_check.FULLSIZE_LOADER in fullsize_available()
-    monkeypatch.setattr(gpu_check, "FULLSIZE_LOADER", "json")  # present: now the generator is what is missing
-    monkeypatch.setattr(gpu_check, "FULLSIZE_GENERATOR", "json:no_such_function")
-    assert "json:no_such_function" in fullsize_available()
-    monkeypatch.setattr(gpu_check, "FULLSIZE_GENERATOR", "json:dumps")
-    assert fullsize_available() is None
 
 
 def _row(preset: str, budget: str, errors: tuple[float, float, float]) -> dict:
