@@ -185,16 +185,12 @@ def test_unsupported_model_type_is_a_user_error(tmp_path: Path) -> None:
         write_checkpoint(tmp_path / "m", {"model_type": "deepseek", "hidden_size": 8})
 
 
-def test_gpu_check_finds_this_generator() -> None:
-    """calibration.gpu_check's full-size step resolves its generator here (folder, model, seed) -> folder;
-    it still waits for the streaming loader, and says so."""
-    import importlib
+def test_gpu_check_calls_this_generator() -> None:
+    """calibration.gpu_check's full-size step writes its checkpoint with `write_preset(folder, model, seed)`."""
     import inspect
 
     from calibration import gpu_check
+    from realrun.checkpoint_gen import write_preset
 
-    module, _, function = gpu_check.FULLSIZE_GENERATOR.partition(":")
-    write = getattr(importlib.import_module(module), function)
-    assert list(inspect.signature(write).parameters) == ["folder", "model", "seed"]
-    why = gpu_check.fullsize_available()
-    assert why is None or "generator" not in why
+    assert list(inspect.signature(write_preset).parameters) == ["folder", "model", "seed"]
+    assert "write_preset(folder, \"qwen1.5-moe-a2.7b\", seed=0)" in inspect.getsource(gpu_check.fullsize)
