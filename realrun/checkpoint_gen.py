@@ -332,7 +332,7 @@ def preset_config(preset: str, **overrides: Any) -> dict[str, Any]:
 
 def write_preset(folder: str | os.PathLike[str], model: str = "qwen1.5-moe-a2.7b", seed: int = 0) -> Path:
     """Write (or reuse) a preset's full-size checkpoint into `folder`; returns the folder. This is the
-    generator `calibration.gpu_check` calls for its full-size step (`FULLSIZE_GENERATOR`)."""
+    generator `calibration.gpu_check` calls for its full-size step."""
     write_checkpoint(folder, preset_config(model), seed=seed, name=model)
     return Path(folder)
 
