@@ -100,8 +100,9 @@ def load_model(folder: Path, device: torch.device, dtype: torch.dtype | str = "a
 
 
 def measure_profile(spec: ModelSpec, store: SlowStore, layouts: dict[str, ExpertLayout],
-                    device: torch.device) -> HardwareProfile:
-    """A profile of this machine from real records and a real expert (see the module docstring)."""
+                    device: torch.device, compute_dtype: torch.dtype | None = None) -> HardwareProfile:
+    """A profile of this machine from real records and a real expert (see the module docstring), the expert
+    timed in `compute_dtype` (the run's `--dtype`; None: the records' own), as the run computes it."""
     precision = max(layouts, key=lambda p: layouts[p].nbytes)
     layout = layouts[precision]
     buf = aligned_buffer(store.padded_bytes(precision))
@@ -120,7 +121,7 @@ def measure_profile(spec: ModelSpec, store: SlowStore, layouts: dict[str, Expert
         dtype = layout.dtype
         gate_up = torch.randn(2 * spec.expert_intermediate_size, spec.hidden_size, dtype=dtype)
         down = torch.randn(spec.hidden_size, spec.expert_intermediate_size, dtype=dtype)
-    gate_up, down = gate_up.to(device), down.to(device)
+    gate_up, down = gate_up.to(device, compute_dtype), down.to(device, compute_dtype)
 
     def expert_s(tokens: int) -> float:
         x = torch.randn(tokens, spec.hidden_size, dtype=gate_up.dtype, device=device)
@@ -316,7 +317,8 @@ def _serve(model: nn.Module, spec: ModelSpec, prompts: Prompts, slow: SlowStore,
     """The timed, offloaded run on a built slow tier (closed on return), and its metrics JSON."""
     try:
         hw = (profile if isinstance(profile, HardwareProfile)
-              else load_profile(profile) if profile else measure_profile(spec, slow, layouts, device))
+              else load_profile(profile) if profile
+              else measure_profile(spec, slow, layouts, device, model.get_input_embeddings().weight.dtype))
         ctl = OffloadController(spec, policy, experts_budget, popularity=popularity,
                                 decode_prefetch_count=decode_prefetch_count(CostModel(spec, hw)))
         with OffloadEngine(model, spec, ctl, slow, layouts, device, record_routes=trace_out is not None,
