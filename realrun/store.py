@@ -102,8 +102,8 @@ class RamStore(SlowStore):
         self._records = {p: torch.empty(num_layers, num_experts, lay.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
                          for p, lay in self.layouts.items()}
         for layer in range(num_layers):  # layer by layer, so the model's copy can shrink as the store grows
-            for precision, block in self._records.items():
-                for expert in range(num_experts):
+            for expert in range(num_experts):  # all of an expert's precisions in turn: a source reads it once
+                for precision, block in self._records.items():
                     block[layer, expert] = source(layer, expert, precision)
             if layer_done is not None:
                 layer_done(layer)

@@ -157,3 +157,22 @@ def test_embedded_models_stream_bit_exactly(name: str, tmp_path: Path) -> None:
     folder = Path(__file__).resolve().parents[2] / "traces" / "models" / name
     _, gen = streamed_run(folder, "lru", "disk", "float32", tmp_path)
     _assert_equal(gen, reference(folder, torch.float32))
+
+
+def test_ram_tier_reads_each_expert_once_for_all_its_precisions(checkpoints, monkeypatch) -> None:
+    """Filling the RAM tier with bf16 and INT4 copies reads each expert from the checkpoint once, not once per
+    precision (the source keeps the expert it last read)."""
+    from realrun.checkpoint import Checkpoint
+    from realrun.ckptstore import CheckpointStore, build_checkpoint_store
+    from realrun.streaming import checkpoint_spec
+
+    reads = []
+    real = CheckpointStore.read_into
+    monkeypatch.setattr(CheckpointStore, "read_into",
+                        lambda self, *args: reads.append(args[:2]) or real(self, *args))
+    with Checkpoint(checkpoints["qwen2_moe"]) as checkpoint:
+        spec = checkpoint_spec(checkpoint, "tiny")
+        store, _ = build_checkpoint_store(checkpoint, spec, ["bf16", "int4"], "ram", torch.device("cpu"),
+                                          optimize=False)
+        store.close()
+    assert len(reads) == len(set(reads)) == spec.num_moe_layers * spec.num_experts
