@@ -201,16 +201,17 @@ def bitexact() -> dict[str, Any]:
     import torch
 
     from realrun.runner import greedy_generate
-    from realrun.session import _tokenizer, load_model, load_prompts, resolve_model_dir, run_streamed
+    from realrun.session import load_model, load_prompts, resolve_model_dir, run_streamed
     from realrun.streaming import load_streaming
     from sim.policies.presets import build_policy
     from traces.promptset import DEFAULT_PROMPTS
+    from traces.recorder import tokenizer_of
 
     dev = torch.device("cuda")
     rows = []
     for name in BITEXACT_MODELS:
         folder = resolve_model_dir(name)
-        prompts = load_prompts(DEFAULT_PROMPTS, _tokenizer(folder))
+        prompts = load_prompts(DEFAULT_PROMPTS, tokenizer_of(folder))
         prompts = type(prompts)(prompts.token_ids[:2], prompts.name, prompts.sha256)
         plain = load_model(folder, dev)
         ref = greedy_generate(plain, prompts.token_ids, 8, dev, keep_logits=True)

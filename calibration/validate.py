@@ -42,6 +42,7 @@ from typing import Any
 
 from sim.hardware import LinkModel
 from traces.errors import UserError
+from traces.recorder import tokenizer_of
 
 DEFAULT_PRESETS = ("lod", "lru", "fate", "speculate", "cpu-exec")
 DEFAULT_BUDGETS = ("25%", "50%", "75%")
@@ -129,7 +130,7 @@ def _validate(*, profile: str, model: str, max_error: float, budgets: str | None
     new_tokens = max_new_tokens or 16
     model_folder = _model_folder(resolve_bench_alias(model))
     work = tempfile.TemporaryDirectory(prefix="fatesim-validate-", dir=os.environ.get("FATESIM_STORE_DIR"))
-    if prompts is None and _tokenizer(model_folder) is None:
+    if prompts is None and tokenizer_of(model_folder) is None:
         source_prompts = random_token_prompts(model_folder, num_prompts, Path(work.name) / "random.jsonl")
     else:
         source_prompts = Path(prompts) if prompts else default_prompts()
@@ -146,7 +147,7 @@ def _validate(*, profile: str, model: str, max_error: float, budgets: str | None
             from realrun.session import load_prompts, run_streamed
             from realrun.streaming import load_streaming
 
-            prompt_set = load_prompts(prompt_path, _tokenizer(model_folder))
+            prompt_set = load_prompts(prompt_path, tokenizer_of(model_folder))
             precisions = "-".join(storage_precisions(policies[name]))
             # streamed from the checkpoint in its own dtype (as before: the profiles were fitted on it)
             streamed = load_streaming(model_folder, _torch_device(device), "stored", name=model)
@@ -256,17 +257,6 @@ def random_token_prompts(folder: Path, count: int, target: Path, tokens: int = 3
     return target
 
 
-def _tokenizer(folder: Path) -> Any:
-    """The model folder's tokenizer, or None (prompts must then be token ids), as realrun loads it."""
-    from transformers import AutoTokenizer
-
-    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
-                                                      "tokenizer.model")):
-        return None  # transformers would build an empty tokenizer from the model type alone
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError):
-        return None
 
 
 def _torch_device(device: str) -> Any:

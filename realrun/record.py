@@ -24,10 +24,8 @@ from torch import nn
 
 from realrun.ckptstore import build_checkpoint_store
 from realrun.engine import OffloadEngine
-from realrun.runner import expert_budget
-from realrun.session import check_slots, device_memory_bytes
+from realrun.session import budgets, check_slots
 from realrun.streaming import load_streaming
-from sim.budget import resolve_budget
 from sim.modelspec import ModelSpec
 from sim.policies.controller import OffloadController
 from sim.policies.presets import build_policy
@@ -57,9 +55,7 @@ def offloaded_model(folder: Path, *, device: str, dtype: str, memory_budget: str
     dev = torch.device(device)
     policy = build_policy(RECORDING_POLICY)
     spec = ModelSpec.from_config_file(folder)
-    budget = resolve_budget(memory_budget, spec, kv_tokens=kv_tokens, device_memory_bytes=device_memory_bytes(dev),
-                            device=f"this {dev.type} device")
-    experts = expert_budget(budget.total_bytes, spec, kv_tokens)
+    total, experts = budgets(memory_budget, spec, kv_tokens, dev)
     check_slots(policy, spec, experts)
     streamed = load_streaming(folder, dev, dtype)
     try:
@@ -68,7 +64,7 @@ def offloaded_model(folder: Path, *, device: str, dtype: str, memory_budget: str
             ctl = OffloadController(streamed.spec, policy, experts, decode_prefetch_count=0)
             with OffloadEngine(streamed.model, streamed.spec, ctl, slow, layouts, dev) as engine:
                 loader = (f"realrun streaming loader: routed experts read from the checkpoint on demand ({policy.name}) "
-                          f"into {format_bytes(experts)} of expert slots (budget {format_bytes(budget.total_bytes)}), "
+                          f"into {format_bytes(experts)} of expert slots (budget {format_bytes(total)}), "
                           f"computed in {str(streamed.compute_dtype).removeprefix('torch.')}")
                 yield OffloadedModel(streamed.model, engine.start_forward, loader)
         finally:

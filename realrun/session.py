@@ -47,7 +47,7 @@ from sim.policies.controller import OffloadController
 from sim.policies.prefetch import decode_prefetch_count
 from sim.policies.presets import PolicyConfig, build_policy
 from traces.errors import UserError
-from traces.recorder import DTYPE_CHOICES
+from traces.recorder import DTYPE_CHOICES, tokenizer_of
 
 DEFAULT_MAX_NEW_TOKENS = 32
 STORE_DIR = Path(os.environ.get("FATESIM_CACHE", Path.home() / ".cache" / "fatesim")) / "stores"
@@ -77,13 +77,6 @@ def resolve_model_dir(name_or_path: str) -> Path:
     from traces.modelzoo import resolve_model
 
     return resolve_model(name_or_path)
-
-
-def _tokenizer(folder: Path) -> Any:
-    """The model folder's tokenizer, or None when it has none (prompts must then be token ids)."""
-    from traces.recorder import tokenizer_of
-
-    return tokenizer_of(folder)
 
 
 def load_model(folder: Path, device: torch.device, dtype: torch.dtype | str = "auto") -> nn.Module:
@@ -228,7 +221,7 @@ def run_offloaded(model: nn.Module, prompts: Prompts, *, model_name: str, policy
     """
     spec = spec_of(model, model_name)
     blocks = moe_blocks(model)
-    total, experts_budget = _budgets(memory_budget, spec, prompts, max_new_tokens, device)
+    total, experts_budget = budgets(memory_budget, spec, _kv_tokens(prompts, max_new_tokens), device)
     popularity = None
     if policy.allocation == "popularity":
         popularity = popularity_counts(model, prompts.token_ids, device, spec.num_moe_layers, spec.num_experts)
@@ -265,7 +258,7 @@ def run_streamed(streamed: StreamedModel, prompts: Prompts, *, model_name: str, 
     from realrun.experts import StoreExperts
 
     spec, model = streamed.spec, streamed.model
-    total, experts_budget = _budgets(memory_budget, spec, prompts, max_new_tokens, device)
+    total, experts_budget = budgets(memory_budget, spec, _kv_tokens(prompts, max_new_tokens), device)
     tmp = None
     if store == "disk" and store_path is None and store_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="realrun-")
@@ -298,11 +291,9 @@ def _kv_tokens(prompts: Prompts, max_new_tokens: int) -> int:
     return max(len(p) for p in prompts.token_ids) + max_new_tokens
 
 
-def _budgets(memory_budget: str | int, spec: ModelSpec, prompts: Prompts, max_new_tokens: int,
-             device: torch.device) -> tuple[int, int]:
-    """(total budget bytes, expert budget bytes) for these prompts' KV cache (`sim.budget.resolve_budget`:
-    at most the device's memory)."""
-    kv_tokens = _kv_tokens(prompts, max_new_tokens)
+def budgets(memory_budget: str | int, spec: ModelSpec, kv_tokens: int, device: torch.device) -> tuple[int, int]:
+    """(total budget bytes, expert budget bytes) of `--memory-budget` for a KV cache of `kv_tokens` tokens
+    (`sim.budget.resolve_budget`: at most the device's memory)."""
     total = resolve_budget(memory_budget, spec, kv_tokens=kv_tokens, device_memory_bytes=device_memory_bytes(device),
                            device=f"this {device.type} device").total_bytes
     return total, expert_budget(total, spec, kv_tokens)
@@ -431,11 +422,9 @@ def run_realrun(model: str, prompts: str | os.PathLike[str] | None, policy: str,
     folder = resolve_model_dir(model)
     # Check the budget against the config before loading any weights: a user mistake fails in a second.
     spec = ModelSpec.from_config_file(folder)
-    prompt_set = load_prompts(prompts, _tokenizer(folder))
-    kv_tokens = max(len(p) for p in prompt_set.token_ids) + max_new_tokens
-    budget_bytes = resolve_budget(memory_budget, spec, kv_tokens=kv_tokens, device_memory_bytes=device_memory_bytes(dev),
-                                  device=f"this {dev.type} device").total_bytes
-    check_slots(pol, spec, expert_budget(budget_bytes, spec, kv_tokens))
+    prompt_set = load_prompts(prompts, tokenizer_of(folder))
+    budget_bytes, experts_bytes = budgets(memory_budget, spec, _kv_tokens(prompt_set, max_new_tokens), dev)
+    check_slots(pol, spec, experts_bytes)
     if progress_total is not None:
         progress_total(len(prompt_set.token_ids) * max_new_tokens)  # one tick per forward step
     if dev.type == "cuda":  # peak_device_bytes covers loading too
