@@ -10,9 +10,10 @@ What is captured per forward and MoE layer comes from forward hooks on the model
 (`traces.routercapture`): the routed ids and weights as the model routed them (the architecture's own
 scoring: softmax, sigmoid, group-limited top-k, correction bias), the router logits, optionally the gate
 inputs, and the look-ahead logits for d = 1..D — the router of MoE layer l+d called on the gate input of
-layer l (zeros where l+d >= L). By default (`--dtype auto`) the model runs in float32 on a CPU (bf16
-matmuls are slow there) and in its stored dtype on CUDA. With a memory budget the model runs offloaded,
-through realrun's streaming loader and engine (`realrun.record`): models larger than memory record too. Letters: T positions, L MoE layers, k top-k, E experts, H hidden size, D look-ahead.
+layer l (zeros where l+d >= L). By default (`--dtype auto`) the model runs in float32 on a CPU and in its
+stored dtype on CUDA. With a memory budget the model runs offloaded, through realrun's streaming loader
+and engine (`realrun.record`): models larger than memory record too. Letters: T positions, L MoE layers,
+k top-k, E experts, H hidden size, D look-ahead.
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ def trace_model_config(model: Any, routers: list[tuple[int, Any]], dtype: str) -
 
 
 def compute_dtype_name(choice: str, device: str, stored: str) -> str:
-    """The dtype a recording (or realrun) computes in for `--dtype choice`: "auto" is float32 on a CPU (this
-    project's CPUs have no fast bf16 matmul: ~5x slower than float32) and the stored dtype on CUDA."""
+    """The dtype a recording (or realrun) computes in for `--dtype choice`: "auto" is float32 on a CPU (bf16
+    matmuls are several times slower on CPUs without AVX512-BF16/AMX; on this project's AVX512-BF16 VM bf16 is
+    the faster one: `realrun.streaming.resolve_dtype` has the figures) and the stored dtype on CUDA."""
     if choice not in DTYPE_CHOICES:
         raise UserError(f"--dtype {choice!r} is not one of {', '.join(DTYPE_CHOICES)}")
     if choice != "auto":
@@ -123,16 +125,22 @@ def tokenizer_of(folder: Path) -> Any:
 def load_model(model: str, device: str, dtype: str = "auto") -> tuple[Any, Any, Path]:
     """(model in eval mode on `device`, tokenizer or None, folder) for an embedded name or a local folder,
     with every weight in memory (`from_pretrained`), in the compute dtype of `--dtype dtype`."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     _check_device(device)
     folder = resolve_model(model)
     _config(folder)
-    name = compute_dtype_name(dtype, device, stored_dtype(folder))
-    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, name),
-                                                    experts_implementation="eager").to(device).eval()
-    return hf_model, tokenizer_of(folder), folder
+    return _in_memory(folder, compute_dtype_name(dtype, device, stored_dtype(folder)), device), \
+        tokenizer_of(folder), folder
+
+
+def _in_memory(folder: Path, compute: str, device: str) -> Any:
+    """Every weight of the folder's model in memory (`from_pretrained`), in eval mode on `device`. With
+    transformers' eager experts loop, the order realrun's engine reproduces: a recording with and without
+    --memory-budget gives the same bits (the default grouped_mm sums in another order)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, compute),
+                                                experts_implementation="eager").to(device).eval()
 
 
 def record_trace(model: str, prompts_path: Path, out: Path, *, max_new_tokens: int = 32, lookahead: int = 2,
@@ -173,10 +181,7 @@ def record_trace(model: str, prompts_path: Path, out: Path, *, max_new_tokens: i
         "assumptions": ["prefill = one forward over the whole prompt; sequences run one at a time"],
     }
     if memory_budget is None:
-        # transformers' eager experts loop, the order realrun's engine reproduces: a recording with and
-        # without --memory-budget gives the same bits (the default grouped_mm sums in another order)
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, dtype=getattr(torch, compute), experts_implementation="eager").to(device).eval()
+        hf_model = _in_memory(folder, compute, device)
         source["loader"] = "from_pretrained: every weight in memory"
         cols, cfg = _capture(hf_model, prompt_ids, model, max_new_tokens=max_new_tokens, lookahead=lookahead,
                              gate_inputs=gate_inputs, device=device, progress=progress, weights_dtype=weights_dtype)
