@@ -102,13 +102,15 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], bytes]:
     return tensors, raw
 
 
-def pread_exact(fd: int, view: memoryview, offset: int, what: str) -> None:
-    """Fill `view` from file offset `offset` (os.pread may return short counts)."""
+def pread_at_least(fd: int, view: memoryview, offset: int, need: int, what: str) -> None:
+    """Read from file offset `offset` into `view` until at least its first `need` bytes are in (preadv may
+    return short counts; an O_DIRECT read of whole blocks may stop short at the end of the file, past
+    `need`). OSError naming `what` when the file ends before `need` bytes."""
     done = 0
-    while done < len(view):
+    while done < need:
         got = os.preadv(fd, [view[done:]], offset + done)
         if got <= 0:
-            raise UserError(f"short read of {what}; the file changed while running?")
+            raise OSError(f"short read of {what}")
         done += got
 
 
@@ -195,8 +197,11 @@ class Checkpoint:
         entry = self.entry(name)
         buf = torch.empty(entry.nbytes, dtype=torch.uint8)
         if entry.nbytes:
-            pread_exact(self._fd(entry.path), memoryview(buf.numpy()).cast("B"), entry.offset,
-                        f"tensor {name} from {entry.path}")
+            try:
+                pread_at_least(self._fd(entry.path), memoryview(buf.numpy()).cast("B"), entry.offset, entry.nbytes,
+                               f"tensor {name} from {entry.path}")
+            except OSError as error:
+                raise UserError(f"{error}; the file changed while running?") from None
         return buf.view(entry.dtype).view(entry.shape)
 
     def entry(self, name: str) -> TensorEntry:

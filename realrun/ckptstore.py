@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from realrun.checkpoint import Checkpoint
+from realrun.checkpoint import Checkpoint, pread_at_least
 from realrun.quant import ExpertLayout, expert_layout, pack_expert, raw_views, split_fused
 from realrun.store import (
     BLOCK_BYTES,
@@ -112,13 +112,8 @@ class CheckpointStore(SlowStore):
         with self._lock:
             for run in self._plans[layer][expert]:
                 length = round_up(run.needed_bytes)
-                view = memoryview(self._bounce[:length].numpy()).cast("B")
-                done = 0
-                while done < run.needed_bytes:  # the last block may run past the end of the file: short is fine
-                    got = os.preadv(self._fds[run.path], [view[done:]], run.offset + done)
-                    if got <= 0:
-                        raise OSError(f"short read of expert ({layer}, {expert}) from {run.path}")
-                    done += got
+                pread_at_least(self._fds[run.path], memoryview(self._bounce[:length].numpy()).cast("B"), run.offset,
+                               run.needed_bytes, f"expert ({layer}, {expert}) from {run.path}")
                 for piece in run.pieces:
                     src = self._bounce[piece.run_offset : piece.run_offset + piece.nbytes]
                     dst[piece.record_offset : piece.record_offset + piece.nbytes].copy_(src)

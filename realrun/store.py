@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from realrun.checkpoint import pread_at_least
 from realrun.quant import ExpertLayout
 from traces.atomic import atomic_output
 from traces.errors import UserError
@@ -163,13 +164,8 @@ class DiskStore(SlowStore):
             raise ValueError("DiskStore reads into host buffers; stage device copies through one")
         if dst.numel() < stride or dst.data_ptr() % BLOCK_BYTES:
             raise ValueError(f"O_DIRECT needs a {BLOCK_BYTES}-aligned buffer of >= {stride} bytes")
-        view = memoryview(dst[:stride].numpy()).cast("B")
-        done = 0
-        while done < stride:  # preadv may return short counts; loop until the whole record is in
-            got = os.preadv(self._fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise OSError(f"short read of expert ({layer}, {expert}, {precision}) from {self.path}")
-            done += got
+        pread_at_least(self._fd, memoryview(dst[:stride].numpy()).cast("B"), offset, stride,
+                       f"expert ({layer}, {expert}, {precision}) from {self.path}")
         return self._record_bytes[precision]
 
     def close(self) -> None:
