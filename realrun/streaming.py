@@ -22,18 +22,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
 from realrun.checkpoint import Checkpoint
+from realrun.quant import TORCH_DTYPES, torch_dtype
 from sim.modelspec import ModelSpec
 from traces.errors import UserError
 from traces.recorder import compute_dtype_name
 from traces.routercapture import check_architecture
 
-_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+_DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 
 
 @dataclass
@@ -53,16 +55,11 @@ def config_of(checkpoint: Checkpoint) -> Any:
     from transformers import AutoConfig
 
     model_type = checkpoint.config.get("model_type")
-
-    class _Cfg:  # check_architecture reads model_type only; refuse before transformers sees the folder
-        pass
-
-    probe = _Cfg()
-    probe.model_type = model_type  # type: ignore[attr-defined]
     if model_type == "deepseek":
         raise UserError(f"{checkpoint.folder} is a DeepSeek V1 model (model_type 'deepseek'): transformers has no "
                         "native implementation of it (it needs remote code), so realrun cannot run it")
-    check_architecture(probe)
+    # check_architecture reads model_type only: refuse before transformers sees the folder
+    check_architecture(SimpleNamespace(model_type=model_type))
     return AutoConfig.from_pretrained(checkpoint.folder)
 
 
@@ -157,14 +154,14 @@ def load_streaming(folder: str | Path, device: torch.device, dtype: str = "auto"
                    name: str | None = None) -> StreamedModel:
     """The model of checkpoint `folder` on `device`, all but its routed experts loaded (module docstring).
 
-    dtype: a `traces.recorder.DTYPE_CHOICES` value (`resolve_dtype`). The caller owns `checkpoint` (close it when done).
+    dtype: a `traces.recorder.DTYPE_CHOICES` value (`resolve_dtype`). The caller owns `checkpoint` (close it
+    when done).
     """
     checkpoint = Checkpoint(folder)
     try:
         config = config_of(checkpoint)
         spec = checkpoint_spec(checkpoint, name or str(folder))
-        compute = resolve_dtype(dtype, device, torch.float32 if spec.dtype == "float32" else
-                                {"bfloat16": torch.bfloat16, "float16": torch.float16}[spec.dtype])
+        compute = resolve_dtype(dtype, device, torch_dtype(spec.dtype))
         model = skeleton(config, compute)
         experts = _expert_param_names(model)
         tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
