@@ -62,7 +62,7 @@ BITEXACT_PRESETS = {"lod": {}, "lru": {}, "fate": {"precision": "bf16"}, "specul
 BITEXACT_MODELS = ("mini-qwen-moe", "mini-deepseek-moe")
 FULLSIZE_MIN_S = 240
 FULLSIZE_POLICIES = ("lru", "fate")
-CLI = "import sys; from sim.cli import main; main(sys.argv[1:])"
+CLI = ["-m", "sim.cli"]
 """`fatesim` without the console script (the GPU machine has no installed package)."""
 
 
@@ -266,7 +266,7 @@ def fullsize(scratch: Path, threads: int) -> dict[str, Any]:
     report: dict[str, Any] = {"checkpoint": str(folder), "generate_s": time.perf_counter() - started, "runs": []}
     for policy in FULLSIZE_POLICIES:
         started = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", CLI, "realrun", "--model", str(folder), "--policy", policy,
+        proc = subprocess.run([sys.executable, *CLI, "realrun", "--model", str(folder), "--policy", policy,
                                "--memory-budget", "20%", "--device", "cuda", "--store", "ram",
                                "--max-new-tokens", "8", "--json", "--no-quant-optimize"], capture_output=True,
                               text=True, check=False)
@@ -347,7 +347,7 @@ def _steps(check: Check, only: tuple[str, ...]) -> None:
         else:
             quick = check.left_s() < FULL_CALIBRATION_S + VALIDATE_MIN_S * len(VALIDATE_PRESETS)
             plots = check.scratch / "calibration-plots"
-            result = check.run("calibrate", [sys.executable, "-c", CLI, "calibrate", "--device", "cuda", "--store", "ram",
+            result = check.run("calibrate", [sys.executable, *CLI, "calibrate", "--device", "cuda", "--store", "ram",
                                              "--model", str(model), "--out", str(profile), "--plots", str(plots),
                                              "--threads", str(check.threads), *(["--quick"] if quick else [])],
                                STEP_LIMIT_S["calibrate"])
@@ -379,7 +379,7 @@ def _validate(check: Check, model: Path, profile: Path) -> None:
             continue
         part = check.scratch / f"validate-{preset}.json"
         check.run(f"validate {preset}", [
-            sys.executable, "-c", CLI, "validate", "--profile", str(profile), "--model", str(model),
+            sys.executable, *CLI, "validate", "--profile", str(profile), "--model", str(model),
             "--presets", preset, "--budgets", VALIDATE_BUDGETS, "--device", "cuda", "--store", "ram",
             "--link", "observed", "--num-prompts", "2", "--max-new-tokens", "8", "--threads", str(check.threads),
             "--store-dir", str(check.scratch), "--out", str(part)], STEP_LIMIT_S["validate"])

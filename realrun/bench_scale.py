@@ -55,7 +55,7 @@ from traces.errors import UserError
 DEFAULT_CACHE = Path(os.environ.get("FATESIM_CACHE", Path.home() / ".cache" / "fatesim")) / "scale"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 """The checkout the children import `sim`, `realrun` and `traces` from (this file's, not an installed one)."""
-FATESIM_MAIN = "import sys; from sim.cli import main; main(sys.argv[1:])"
+FATESIM_MAIN = ["-m", "sim.cli"]
 """What the `fatesim` console script runs (`sim.cli:main`)."""
 
 
@@ -124,12 +124,12 @@ def run_child(argv: list[str], env: dict[str, str], timeout_s: float | None = No
 
 def fatesim_argv(*args: str) -> list[str]:
     """argv running `fatesim ARGS` with this interpreter."""
-    return [sys.executable, "-c", FATESIM_MAIN, *args]
+    return [sys.executable, *FATESIM_MAIN, *args]
 
 
 def shown(argv: list[str]) -> str:
     """The command line as a user would type it (`fatesim ...`) for a fatesim argv, else quoted argv."""
-    if argv[1:3] == ["-c", FATESIM_MAIN]:
+    if argv[1:3] == FATESIM_MAIN:
         return shlex.join(["fatesim", *argv[3:]])
     return shlex.join(argv)
 
@@ -366,7 +366,7 @@ def format_table(report: dict[str, Any]) -> str:
 @click.option("--repeat-fate/--no-repeat-fate", default=True, show_default=True,
               help="Run fate twice: the first builds its quantised store, the second reuses it.")
 @click.option("--trace/--no-trace", default=True, show_default=True,
-              help="Also run the streaming `fatesim trace record` (when the CLI has --memory-budget).")
+              help="Also run the streaming `fatesim trace record --memory-budget`.")
 @click.option("--delete-after/--keep", default=False, show_default=True,
               help="Delete each checkpoint and what its runs wrote once its runs are done.")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_CACHE, show_default=True)
