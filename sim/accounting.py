@@ -1,6 +1,6 @@
 """Fate's budget accounting: what the official Fate code does with "a memory budget of N GB".
 
-fatesim's own budgets (`sim.units.parse_budget`) count fast memory as everything that is not a routed
+fatesim's own budgets (`sim.budget.resolve_budget`) count fast memory as everything that is not a routed
 expert (fatesim's `ModelSpec.resident_bytes`: non-expert weights, shared experts, the KV cache of the trace)
 plus the expert cache. Fate's code (`memory_cost_qwen`, `memory_cost_deepseek`, `memory_cost_mixtral` in
 FFFzy/Fate_open `utils/memory_cost.py`, commit 3bcfdb4; the official implementation of arXiv 2502.12224)

@@ -4,7 +4,7 @@ A grid is a TOML file; every key takes a list (a scalar means a list of one):
 
 ```toml
 policy = ["lod", "lru", "fate"]            # presets (`fatesim policies`)
-budget = ["10%", "25%", "6GiB"]            # fast-memory budgets (sim.units.parse_budget)
+budget = ["10%", "25%", "6GiB"]            # fast-memory budgets (sim/budget.py, as replay reads them)
 profile = ["rtx3090-bound"]                # hardware profiles (`fatesim profiles`) or .toml paths
 link_bandwidth = ["12GB", "25GB"]          # bytes per second (a number, or a size with a unit, read per
                                            # second); overrides the profile's link (omit: the profile's)
