@@ -11,7 +11,7 @@ export PYTHONHASHSEED := 0
 
 .PHONY: install demo test lint trace models bench bench-real bench-scale calibrate validate gpu-wheels gpu-check reproduce clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py sim/kernel/compiled.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU build of torch first: an open range would pull a multi-GB CUDA build.

@@ -2,11 +2,12 @@
 
 Each command of issue 14's speed targets runs as a subprocess of this tree's code (`python -m sim.cli ...`,
 what the `fatesim` script runs), timed from process start to exit: imports, reading the trace, building the
-workload, loading (or compiling) the numba kernel, the replay, the output. The table gives for each the
+workload, the compiled kernel (sim/kernel/compiled.c, built at install), the replay, the output. The
+tree's Python files are byte-compiled first, as an install does (this VM sets PYTHONDONTWRITEBYTECODE, so
+without it every process would compile ~30 modules from source, ~50 ms). The table gives for each the
 layer-steps (one MoE layer of one forward step), the best wall time of `--repeat` runs (`--slow-repeat` for
-plan and train-estimator; an untimed run before them, but for train-estimator, which loads no kernel: a
-cold numba cache compiles there, as on the first run after an install), layer-steps per
-second of that wall time, the target and whether it is met, and the CPU time of that run (user + system,
+plan and train-estimator; an untimed run before them, but for train-estimator, which brings the trace
+into the page cache), layer-steps per second of that wall time, the target and whether it is met, and the CPU time of that run (user + system,
 this machine's cores being shared, the figure one core delivers). Below it the in-process replay rates
 (best of `--repeat` after a warm-up, the trace already loaded) show the start-up cost apart.
 
@@ -70,7 +71,7 @@ class Case:
     bound: float
     repeat: int
     warm_up: bool = True
-    """One untimed run first (the commands that load the numba kernel: a cold cache compiles it there)."""
+    """One untimed run first (brings the trace file into the page cache, as a user's second run finds it)."""
     missing: str | None = None
     """Why this case cannot run here (its input is missing), or None."""
     runs: list[Run] = field(default_factory=list)
@@ -157,7 +158,7 @@ def in_process(case: Case, repeat: int) -> tuple[int, float, float, float]:
         kwargs["as_model"] = args[args.index("--as-model") + 1]
     loaded = load(trace)
     start = time.perf_counter()
-    steps = replay(loaded, **kwargs)["layer_steps"]  # warm-up: loads the kernel
+    steps = replay(loaded, **kwargs)["layer_steps"]  # warm-up: derived arrays, the kernel module
     first = time.perf_counter() - start
     best_wall = best_cpu = float("inf")
     for _ in range(repeat):
@@ -173,9 +174,12 @@ def in_process(case: Case, repeat: int) -> tuple[int, float, float, float]:
 @click.option("--only", default=None, help="Comma-separated cases: esft-lru,esft-oracle,demo-fate,plan,train-estimator.")
 def main(repeat: int, slow_repeat: int, only: str | None) -> None:
     """Time fatesim's commands as whole processes against issue 14's targets, then the in-process rates."""
+    import compileall
     import json
 
     env = child_env()
+    for package in ("sim", "traces", "realrun", "calibration"):
+        compileall.compile_dir(REPO / package, quiet=1)
     click.echo(f"command: python -m sim.bench {' '.join(sys.argv[1:])}".rstrip())
     click.echo(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
                f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at start")
@@ -191,7 +195,6 @@ def main(repeat: int, slow_repeat: int, only: str | None) -> None:
             if case.missing:
                 click.echo(f"skip {case.name}: {case.missing}")
                 continue
-            # one untimed run first: a cold numba cache compiles here (~1 min), as on the first run after install
             warm = timed_fatesim(case.args, env) if case.warm_up else None
             if warm is not None and warm.returncode != 0:
                 case.missing = f"failed: {warm.stderr.strip().splitlines()[-1] if warm.stderr.strip() else warm.returncode}"
@@ -229,7 +232,7 @@ def main(repeat: int, slow_repeat: int, only: str | None) -> None:
         rated = [c for c in todo if c.target == "rate" and c.runs]
         if rated:
             click.echo("")
-            click.echo(f"in-process replay (trace loaded once, kernel loaded by a warm-up replay; best of {repeat}):")
+            click.echo(f"in-process replay (trace loaded once, after a warm-up replay; best of {repeat}):")
             for case in rated:
                 steps, wall, cpu, first = in_process(case, repeat)
                 click.echo(f"{case.name:16} {steps:>11,} layer-steps: {steps / wall:,.0f}/s wall, {steps / cpu:,.0f}/s "

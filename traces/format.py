@@ -325,9 +325,20 @@ def _validate_shapes(trace: Trace, cfg: TraceModelConfig) -> dict[str, int]:
     return dims
 
 
-def _all_finite(array: np.ndarray, chunk_elements: int = 1 << 24) -> bool:
-    """np.isfinite(array).all() in chunks, so a GB-sized memory map needs no GB-sized temporary."""
+def _all_finite(array: np.ndarray, chunk_elements: int = 1 << 16) -> bool:
+    """np.isfinite(array).all(), in chunks that stay in cache (a GB-sized memory map needs no GB-sized
+    temporary). float16 is checked on its bits: a value is nan or inf exactly when its five exponent bits
+    are all set, i.e. its bits without the sign are >= 0x7C00 (numpy's isfinite on float16 converts every
+    value to float32 first, ~4x slower)."""
     flat = array.reshape(-1)
+    if flat.dtype == np.float16:
+        bits = flat.view(np.uint16)
+        scratch = np.empty(min(chunk_elements, bits.size), np.uint16)
+        for i in range(0, bits.size, chunk_elements):
+            chunk = bits[i:i + chunk_elements]
+            if np.bitwise_and(chunk, 0x7FFF, out=scratch[:chunk.size]).max() >= 0x7C00:
+                return False
+        return True
     return all(np.isfinite(flat[i:i + chunk_elements]).all() for i in range(0, flat.size, chunk_elements))
 
 

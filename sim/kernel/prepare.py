@@ -60,7 +60,7 @@ def inputs(workload: Workload, ctl: OffloadController, costs: CostModel) -> tupl
     max_tokens = int(workload.route_counts.max(initial=1))
     expert_s = np.zeros((len(PRECISIONS), max_tokens + 1))
     cpu_expert_s = np.zeros(max_tokens + 1)
-    for n in np.unique(workload.route_counts).tolist():
+    for n in np.flatnonzero(np.bincount(workload.route_counts)).tolist():  # np.unique, without its sort
         for p, name in enumerate(PRECISIONS):
             expert_s[p, n] = costs.expert_s(n, name)
         if policy.miss == "cpu":

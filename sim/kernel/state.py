@@ -1,8 +1,9 @@
 """The kernel's flat arrays: the replay's inputs (`Inputs`), its settings (`Settings`) and its state (`State`).
 
-Codes stand for names (numba works on numbers): see the constants below. Shapes: S forward steps, L MoE
-layers, E experts, T trace positions, D look-ahead depth, P transfer slots of the pool (a transfer's
-index is reused once it is neither cached nor on the link). Times in seconds, sizes in bytes.
+Codes stand for names (the C kernel works on numbers; sim/kernel/compiled.c has the same constants and the
+same field order, and tests/sim/test_kernel.py holds them equal): see the constants below. Shapes: S forward
+steps, L MoE layers, E experts, T trace positions, D look-ahead depth, P transfer slots of the pool (a
+transfer's index is reused once it is neither cached nor on the link). Times in seconds, sizes in bytes.
 """
 
 from __future__ import annotations

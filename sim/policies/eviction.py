@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 from collections import OrderedDict
 from collections.abc import Sequence
+from functools import cached_property
 from itertools import chain
 
 import numpy as np
@@ -43,13 +44,29 @@ class FutureAccess:
                  num_experts: int) -> None:
         self.route_ptr, self.route_ids, self.route_counts = route_ptr, route_ids, route_counts
         self.num_layers, self.num_experts = num_layers, num_experts
-        rows = np.repeat(np.arange(len(route_ptr) - 1, dtype=np.int64), np.diff(route_ptr))
-        key = (rows % num_layers) * num_experts + route_ids  # (layer, expert) of each route entry
-        order = np.argsort(key, kind="stable")  # entries are in step order, so each key's steps ascend
-        self.use_steps = (rows // num_layers)[order]
-        """Steps routing each (layer, expert), ascending: use_steps[use_ptr[l * E + e]:use_ptr[l * E + e + 1]]."""
-        self.use_ptr = np.zeros(num_layers * num_experts + 1, np.int64)
-        np.cumsum(np.bincount(key, minlength=num_layers * num_experts), out=self.use_ptr[1:])
+
+    @cached_property
+    def _uses(self) -> tuple[np.ndarray, np.ndarray]:
+        """(use_ptr, use_steps), built on first use: only Belady asks for them (~60 ms on a 1M-route log)."""
+        rows = np.repeat(np.arange(len(self.route_ptr) - 1, dtype=np.int64), np.diff(self.route_ptr))
+        cells = self.num_layers * self.num_experts
+        key = (rows % self.num_layers) * self.num_experts + self.route_ids  # (layer, expert) of each route entry
+        # entries are in step order, so a stable sort keeps each key's steps ascending; numpy sorts 16-bit
+        # keys stably by radix sort, ~4x faster than int64's merge sort, with the same order
+        order = np.argsort(key.astype(np.uint16) if cells <= 1 << 16 else key, kind="stable")
+        use_ptr = np.zeros(cells + 1, np.int64)
+        np.cumsum(np.bincount(key, minlength=cells), out=use_ptr[1:])
+        return use_ptr, (rows // self.num_layers)[order]
+
+    @property
+    def use_ptr(self) -> np.ndarray:
+        """[L * E + 1]: the steps routing (layer l, expert e) are use_steps[use_ptr[l * E + e]:use_ptr[l * E + e + 1]]."""
+        return self._uses[0]
+
+    @property
+    def use_steps(self) -> np.ndarray:
+        """Steps routing each (layer, expert), ascending (see `use_ptr`)."""
+        return self._uses[1]
 
     @classmethod
     def from_routes(cls, routes: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], num_layers: int,

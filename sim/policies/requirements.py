@@ -26,16 +26,24 @@ def needs_lookahead(policy: PolicyConfig) -> bool:
     return policy.prediction in NEEDS_LOOKAHEAD and policy.prefetch != "none"
 
 
-def lookahead_probabilities(logits: np.ndarray) -> np.ndarray:
+def lookahead_probabilities(logits: np.ndarray, chunk_rows: int = 4096) -> np.ndarray:
     """Softmax over the last axis (experts) in float32: [..., E] look-ahead logits -> probabilities.
 
     A router this sharp may give experts a probability of exactly 0 (exp underflows); predictors never
-    rank those (`sim.policies.prediction`)."""
-    x = np.asarray(logits).astype(np.float32)
-    x -= x.max(axis=-1, keepdims=True)
-    np.exp(x, out=x)
-    x /= x.sum(axis=-1, keepdims=True)
-    return x
+    rank those (`sim.policies.prediction`). Rows are independent, so the softmax runs `chunk_rows` rows at
+    a time, which stay in cache through its five passes (the same operations per row, the same bits)."""
+    logits = np.asarray(logits)
+    out = np.empty(logits.shape, np.float32)
+    if out.size == 0:
+        return out
+    rows, flat = out.reshape(-1, out.shape[-1]), logits.reshape(-1, logits.shape[-1])
+    for start in range(0, rows.shape[0], chunk_rows):
+        x = rows[start:start + chunk_rows]
+        x[...] = flat[start:start + chunk_rows]
+        x -= x.max(axis=-1, keepdims=True)
+        np.exp(x, out=x)
+        x /= x.sum(axis=-1, keepdims=True)
+    return out
 
 
 def loaded_precisions(policy: PolicyConfig) -> tuple[str, ...]:

@@ -7,6 +7,8 @@ one or two copy engines and a fast or slow link, and a budget from one layer's t
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -128,3 +130,106 @@ def test_victims_in_flight(preset: str, overrides: dict) -> None:
     for budget in ("6%", "12%"):
         fast, reference = _both(loaded, preset, overrides, hw, budget)
         assert fast == reference, (preset, budget)
+
+
+def test_the_compiled_kernel_is_built_from_this_source() -> None:
+    """The test environment has the extension (a failed build would otherwise make every test above compare
+    the reference engine with itself), built from the compiled.c beside it."""
+    import hashlib
+
+    module = kernel.compiled()
+    assert module is not None, "sim/kernel/_compiled is not built: `make install`"
+    assert module.SOURCE_SHA256 == hashlib.sha256(kernel.SOURCE.read_bytes()).hexdigest()
+
+
+def test_the_kernel_tables_and_constants_are_state_py_s() -> None:
+    from sim.kernel import state
+
+    module = kernel.compiled()
+    arrays, settings_ = module.TABLES
+    assert arrays == state.Inputs._fields + state.State._fields + state.Scratch._fields
+    assert settings_ == state.Settings._fields
+    for name, value in module.CONSTANTS.items():
+        expected = state.PRECISIONS.index(name.lower()) if name in ("INT4", "INT2") else getattr(state, name)
+        assert value == expected, name
+
+
+def test_the_kernel_refuses_arrays_of_the_wrong_kind() -> None:
+    """compiled.c checks every array's dtype, contiguity and writability before it runs."""
+    from sim.kernel.prepare import inputs
+    from sim.kernel.state import new_scratch, new_state
+
+    class Captured(Exception):
+        pass
+
+    def capture(workload, ctl, costs):
+        raise Captured(workload, ctl, costs)
+
+    loaded = load(synthetic_trace(sequences=1, prompt_tokens=4, decode_tokens=3, seed=2))
+    patch = pytest.MonkeyPatch()
+    patch.setattr(kernel, "replay", capture)
+    try:
+        with pytest.raises(Captured) as caught:
+            replay(loaded, policy="lru", memory_budget="30%")
+    finally:
+        patch.undo()
+    workload, ctl, costs = caught.value.args
+    data, cfg = inputs(workload, ctl, costs)
+    state = new_state(data, cfg, workload.num_layers, workload.num_experts, 4096)
+    scratch = new_scratch(workload.num_experts, 8)
+    run = kernel.compiled().run
+    with pytest.raises(TypeError, match="tick has format i"):
+        run(data, cfg, state._replace(tick=state.tick.astype(np.int32)), scratch)
+    with pytest.raises(TypeError, match="resident: not a C-contiguous writable array"):
+        run(data, cfg, state._replace(resident=state.resident[:, ::-1]), scratch)
+    read_only = state.clock.copy()
+    read_only.flags.writeable = False
+    with pytest.raises(TypeError, match="clock: not a C-contiguous writable array"):
+        run(data, cfg, state._replace(clock=read_only), scratch)
+    with pytest.raises(TypeError, match="named tuples"):
+        run(list(data), cfg, state, scratch)
+    code, busy_s = run(data, cfg, state, scratch)
+    assert code == 0 and busy_s >= 0.0
+
+
+def test_without_the_extension_replays_run_in_the_reference_engine(monkeypatch, capsys) -> None:
+    loaded = load(synthetic_trace(sequences=1, prompt_tokens=6, decode_tokens=5, seed=3, lookahead_depth=1))
+    expected = replay(loaded, policy="fate", memory_budget="20%", mode="engine")
+    monkeypatch.setitem(sys.modules, "sim.kernel._compiled", None)  # import fails, as without a compiler
+    kernel.compiled.cache_clear()
+    try:
+        assert kernel.unsupported(build_policy("fate")) == "the compiled kernel is not built"
+        assert replay(loaded, policy="fate", memory_budget="20%") == expected
+        assert "the compiled replay kernel is not built" in capsys.readouterr().err
+    finally:
+        kernel.compiled.cache_clear()
+
+
+def test_an_extension_built_from_an_older_source_is_refused(monkeypatch) -> None:
+    monkeypatch.setattr(kernel.compiled(), "SOURCE_SHA256", "0" * 64)
+    kernel.compiled.cache_clear()
+    try:
+        with pytest.raises(UserError, match="built from an older .*compiled.c; rebuild it: `make install`"):
+            kernel.compiled()
+    finally:
+        monkeypatch.undo()
+        kernel.compiled.cache_clear()
+
+
+def test_a_prediction_at_exactly_the_confidence_is_prefetched() -> None:
+    """Fate keeps decode predictions with confidence >= the threshold: two tied experts whose logits leave
+    every other at probability 0 get exactly 0.5 each (softmax in float32), so at confidence 0.5 both are
+    prefetched in decode and at 0.51 neither (the prefill prefetches, ranked by popularity, are the same);
+    the kernel agrees with the reference either way."""
+    num_layers, num_experts, tokens = 3, 6, 8
+    lookahead = np.full((1, tokens, num_layers, num_experts), -60000.0, np.float16)
+    lookahead[..., 1] = lookahead[..., 4] = 60000.0
+    loaded = load(tiny_trace([[[0]] * num_layers] * tokens, num_experts=num_experts, prefill=2, lookahead=lookahead))
+    prefetched = {}
+    for confidence in ("0.5", "0.51"):
+        fast, reference = _both(loaded, "fate", {"confidence": confidence, "lookahead": "1"}, tiny_profile(),
+                                _budget(loaded.trace, 3))
+        assert fast == reference
+        moved = fast["bytes_transferred"]
+        prefetched[confidence] = moved["prefetch_used"] + moved["prefetch_wasted"]
+    assert prefetched["0.5"] == 2 * prefetched["0.51"] > 0

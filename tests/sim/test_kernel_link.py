@@ -1,4 +1,4 @@
-"""The kernel's link primitives (sim/kernel/core.py: link_submit, link_promote, link_cancel, _start_next) against
+"""The kernel's link primitives (sim/kernel/compiled.c: link_submit, link_promote, link_cancel, start_next) against
 the start-order rule of sim/policies/transfer_queue.py, driven directly.
 
 The differential tests (test_kernel.py) cannot reach every branch: the kernel's closed-form predictor thread
@@ -12,35 +12,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from numba import njit
 from sim_fixtures import tiny_profile, tiny_trace
 
 from sim import kernel
-from sim.kernel import _core
 from sim.kernel.prepare import inputs
 from sim.kernel.state import DEMAND_PRIORITY, PREFETCH_PRIORITY, new_scratch, new_state
 from sim.policies.transfer_queue import DEMAND, PREFETCH, TransferQueue
 from sim.replay import load, replay
 
-core = _core()
-
 SUBMIT, PROMOTE, CANCEL = 0, 1, 2
-
-
-@njit
-def _drive(data, cfg, state, scratch, codes, tids, prios, readies):
-    rs = core._pack(data, state, scratch)
-    for i in range(codes.shape[0]):
-        if codes[i] == 0:
-            core.link_submit(rs, tids[i], readies[i], prios[i])
-        elif codes[i] == 1:
-            core.link_promote(rs, tids[i])
-        else:
-            core.link_cancel(rs, tids[i])
-    starts = [0.0]
-    ends = [0.0]
-    while core._start_next(rs, np.inf, starts, ends):
-        pass
 
 
 class _Captured(Exception):
@@ -77,11 +57,7 @@ def _kernel_order(arrays, ops, pool: int = 16) -> list[tuple[float, int]]:
     state = new_state(data, cfg, num_layers, num_experts, pool)
     state.t_start[:] = -1.0
     scratch = new_scratch(num_experts, 4)
-    codes = np.array([op[0] for op in ops], np.int64)
-    tids = np.array([op[1] for op in ops], np.int64)
-    prios = np.array([op[2] for op in ops], np.int64)
-    readies = np.array([op[3] for op in ops], np.float64)
-    _drive(data, cfg, state, scratch, codes, tids, prios, readies)
+    kernel.compiled().drive_link(data, cfg, state, scratch, ops)
     started = [tid for tid in range(pool) if state.t_start[tid] >= 0.0]
     return sorted((float(state.t_start[tid]), tid) for tid in started)
 
