@@ -661,6 +661,7 @@ static i64 prefetch(Replay *r, const Settings *cfg, i64 step, i64 target, const 
         }
         r->free_slots[target] -= 1;
         i64 tid = new_transfer(r, cfg, target, expert, r->fetch_p[i], PREFETCH_KIND);
+        if (r->counts[C_ERROR] == POOL_EXHAUSTED) return n_out; /* the replay stops: no transfer to record */
         AT2(r->pending, target, E, expert) = tid;
         r->pending_n[target] += 1;
         out[n_out] = tid;
@@ -1029,6 +1030,7 @@ static void on_route(Replay *r, const Settings *cfg, i64 step, i64 layer) {
     for (i64 k = n_sub; k < n_miss; k++) {
         i64 e = r->misses[k];
         i64 tid = load(r, cfg, step, layer, e, r->precision_of[e], whole_step_min);
+        if (r->counts[C_ERROR] != OK && r->counts[C_ERROR] != BUDGET_EXCEEDED) return; /* no transfer: stop */
         if (cfg->serial_loads && r->sizes[0] > 0) r->t_after_compute[tid] = r->work_e[r->sizes[0] - 1];
         r->loads[r->sizes[1]] = tid;
         r->sizes[1] += 1;
@@ -1110,6 +1112,7 @@ static i64 replay(Replay *r, const Settings *cfg, f64 *busy_s) {
             i64 expert = r->pinned_experts[j];
             r->free_slots[layer] -= 1;
             i64 tid = new_transfer(r, cfg, layer, expert, cfg->preload_precision, PRELOAD_KIND);
+            if (r->counts[C_ERROR] == POOL_EXHAUSTED) return r->counts[C_ERROR];
             r->t_state[tid] = DONE;
             AT2(r->pinned, layer, r->E, expert) = 1;
         }
@@ -1128,6 +1131,7 @@ static i64 replay(Replay *r, const Settings *cfg, f64 *busy_s) {
             link_advance(r, clock[K_NOW]);
             if (predicts) {
                 i64 n = gate_input(r, cfg, step, layer, r->prefetches);
+                if (r->counts[C_ERROR] == POOL_EXHAUSTED) return r->counts[C_ERROR];
                 f64 start = clock[K_NOW] > clock[K_CPU_FREE] ? clock[K_NOW] : clock[K_CPU_FREE];
                 f64 done = start + cfg->predictor_latency_s;
                 clock[K_CPU_FREE] = done;

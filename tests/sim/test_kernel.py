@@ -157,7 +157,7 @@ def test_the_kernel_tables_and_constants_are_state_py_s() -> None:
 def test_the_kernel_refuses_arrays_of_the_wrong_kind() -> None:
     """compiled.c checks every array's dtype, contiguity and writability before it runs."""
     from sim.kernel.prepare import inputs
-    from sim.kernel.state import new_scratch, new_state
+    from sim.kernel.state import POOL_EXHAUSTED, new_scratch, new_state
 
     class Captured(Exception):
         pass
@@ -190,6 +190,9 @@ def test_the_kernel_refuses_arrays_of_the_wrong_kind() -> None:
         run(list(data), cfg, state, scratch)
     code, busy_s = run(data, cfg, state, scratch)
     assert code == 0 and busy_s >= 0.0
+    # a pool too small for the transfers alive at once stops the replay with a code (replay retries larger)
+    tiny = new_state(data, cfg, workload.num_layers, workload.num_experts, 2)
+    assert run(data, cfg, tiny, new_scratch(workload.num_experts, 8))[0] == POOL_EXHAUSTED
 
 
 def test_without_the_extension_replays_run_in_the_reference_engine(monkeypatch, capsys) -> None:
