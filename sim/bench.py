@@ -168,11 +168,80 @@ def in_process(case: Case, repeat: int) -> tuple[int, float, float, float]:
     return steps, best_wall, best_cpu, first
 
 
+def phases(case: Case, env: dict[str, str], repeat: int) -> dict[str, float]:
+    """Seconds of each phase of one replay process of `case` (the README's table): the imports, timed as a
+    process (`import sim.replay_cli` minus an empty interpreter), then the rest in this process, each the best
+    of `repeat`, on a freshly read trace (so the look-ahead softmax and the kernel's derived arrays are
+    computed, not cached)."""
+    from sim import kernel
+    from sim.kernel.prepare import inputs
+    from sim.policies.requirements import lookahead_probabilities
+    from sim.replay import load, replay
+    from sim.workload import build_workload
+    from traces.format import read_trace, validate_trace
+
+    def best(work) -> float:
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    def process(code: str) -> float:
+        return min(timed_fatesim_code(code, env) for _ in range(repeat))
+
+    args = case.args
+    path = args[args.index("--trace") + 1]
+    kwargs = dict(policy=args[args.index("--policy") + 1], hw="rtx3090-bound", memory_budget="25%")
+    if "--as-model" in args:
+        kwargs["as_model"] = args[args.index("--as-model") + 1]
+    out = {"imports (python, numpy, click, sim)": process("import sim.cli, sim.replay_cli") - process("pass")}
+    trace = read_trace(path)
+    out["reading the trace"] = best(lambda: read_trace(path)) - best(lambda: validate_trace(trace))
+    out["checking the trace"] = best(lambda: validate_trace(trace))
+    out["content hash (on its own thread)"] = best(trace.content_hash)
+    out["the workload"] = best(lambda: build_workload(trace))
+    if trace.lookahead_logits is not None:
+        out["look-ahead softmax"] = best(lambda: lookahead_probabilities(trace.lookahead_logits))
+    captured: dict[str, tuple] = {}
+    kernel_replay = kernel.replay
+
+    def timed_kernel(workload, ctl, costs):
+        if workload.has_lookahead:
+            _ = workload.lookahead_probs  # the softmax, timed above
+        start = time.perf_counter()
+        inputs(workload, ctl, costs)
+        middle = time.perf_counter()
+        result = kernel_replay(workload, ctl, costs)  # inputs again (cached derived arrays), then the run
+        captured.setdefault("times", [])
+        captured["times"].append((middle - start, time.perf_counter() - middle))
+        return result
+
+    kernel.replay = timed_kernel
+    try:
+        for _ in range(repeat):
+            replay(load(read_trace(path)), **kwargs)
+    finally:
+        kernel.replay = kernel_replay
+    out["the kernel's inputs (prefill rankings, cost tables)"] = min(t[0] for t in captured["times"])
+    out["the kernel (with its inputs again, cached)"] = min(t[1] for t in captured["times"])
+    return out
+
+
+def timed_fatesim_code(code: str, env: dict[str, str]) -> float:
+    """Wall seconds of `python -c CODE` with this tree on the path."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True)
+    return time.perf_counter() - start
+
+
 @click.command()
 @click.option("--repeat", default=3, show_default=True, help="Runs of each replay command; the best is reported.")
 @click.option("--slow-repeat", default=1, show_default=True, help="Runs of plan and train-estimator.")
+@click.option("--phases", "phases_too", is_flag=True, help="Also time the phases of one replay process of each replay case.")
 @click.option("--only", default=None, help="Comma-separated cases: esft-lru,esft-oracle,demo-fate,plan,train-estimator.")
-def main(repeat: int, slow_repeat: int, only: str | None) -> None:
+def main(repeat: int, slow_repeat: int, phases_too: bool, only: str | None) -> None:
     """Time fatesim's commands as whole processes against issue 14's targets, then the in-process rates."""
     import compileall
     import json
@@ -237,6 +306,12 @@ def main(repeat: int, slow_repeat: int, only: str | None) -> None:
                 steps, wall, cpu, first = in_process(case, repeat)
                 click.echo(f"{case.name:16} {steps:>11,} layer-steps: {steps / wall:,.0f}/s wall, {steps / cpu:,.0f}/s "
                            f"CPU (first replay of the process {first:.2f} s wall), load {os.getloadavg()[0]:.2f}")
+        if phases_too:
+            for case in rated:
+                click.echo("")
+                click.echo(f"phases of one {case.name} process (s; best of {repeat}):")
+                for name, seconds in phases(case, env, repeat).items():
+                    click.echo(f"  {name:48} {seconds:6.3f}")
     click.echo(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
 
 

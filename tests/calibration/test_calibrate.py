@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import tomllib
 from pathlib import Path
 
@@ -15,21 +14,15 @@ from traces.errors import UserError
 
 
 @pytest.fixture(scope="module")
-def quick_calibration(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, float]:
+def quick_calibration(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("calib")
     out = folder / "quick-cpu-disk.toml"
-    start = time.perf_counter()
     main(["calibrate", "--device", "cpu", "--store", "disk", "--out", str(out), "--quick",
           "--plots", str(folder / "plots"), "--scratch", str(folder), "--threads", "1"])
-    return out, folder / "plots", time.perf_counter() - start
+    return out, folder / "plots"
 
 
-def test_quick_calibration_is_fast(quick_calibration: tuple[Path, Path, float]) -> None:
-    """`--quick` (few sizes, 2 repeats) finishes in under 30 s on a 2-core machine."""
-    assert quick_calibration[2] < 30.0
-
-
-def test_profile_loads_and_round_trips(quick_calibration: tuple[Path, Path, float]) -> None:
+def test_profile_loads_and_round_trips(quick_calibration: tuple[Path, Path]) -> None:
     """The written TOML loads with sim.hardware and survives a write/read round trip unchanged."""
     out = quick_calibration[0]
     profile = load_profile(out)
@@ -43,7 +36,7 @@ def test_profile_loads_and_round_trips(quick_calibration: tuple[Path, Path, floa
     assert again.to_toml_dict() == profile.to_toml_dict()
 
 
-def test_plots_and_points_written(quick_calibration: tuple[Path, Path, float]) -> None:
+def test_plots_and_points_written(quick_calibration: tuple[Path, Path]) -> None:
     """--plots writes one PNG per fitted model and the raw points."""
     plots = quick_calibration[1]
     for name in ("link.png", "compute.png", "token_scale.png", "dequant.png", "points.json"):
@@ -51,7 +44,7 @@ def test_plots_and_points_written(quick_calibration: tuple[Path, Path, float]) -
     assert (plots / "link.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_no_scratch_file_left(quick_calibration: tuple[Path, Path, float]) -> None:
+def test_no_scratch_file_left(quick_calibration: tuple[Path, Path]) -> None:
     """The disk benchmark removes its scratch file, and the atomic write leaves no temporary."""
     folder = quick_calibration[0].parent
     assert not list(folder.glob("fatesim-calib-*")) and not list(folder.glob(".*.tmp"))
