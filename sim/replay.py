@@ -9,7 +9,6 @@ the future-access index and the content hash (what a sweep needs).
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from sim import kernel
+from sim.background import Background
 from sim.budget import resolve_budget
 from sim.costs import CostModel
 from sim.engine import Engine
@@ -38,37 +38,15 @@ from traces.format import Trace, read_trace
 from traces.paths import check_output
 
 
-class _ContentHash:
-    """`Trace.content_hash()` computed on a thread of its own: hashlib releases the GIL while it hashes, so the
-    ~40 ms per 70 MB of tensors overlap with building the workload and the replay."""
-
-    def __init__(self, trace: Trace) -> None:
-        self._value: str | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(trace,), name="fatesim-trace-hash", daemon=True)
-        self._thread.start()
-
-    def _run(self, trace: Trace) -> None:
-        try:
-            self._value = trace.content_hash()
-        except BaseException as error:  # handed to the thread that asks for the hash
-            self._error = error
-
-    def result(self) -> str:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._value is not None
-        return self._value
-
-
 @dataclass(frozen=True)
 class LoadedTrace:
     """A trace prepared once for any number of replays."""
 
     trace: Trace
     workload: Workload
-    content_hash: _ContentHash = field(compare=False, repr=False)
+    content_hash: Background[str] = field(compare=False, repr=False)
+    """`Trace.content_hash()`, computed on a thread of its own (hashlib releases the GIL while it hashes, ~40 ms
+    per 70 MB of tensors), overlapping the workload and the replay."""
     path: str | None = None
     """The file it was read from (None: built in memory); no output may be written over it."""
     signals: dict = field(default_factory=dict, compare=False, repr=False)
@@ -88,8 +66,8 @@ def load(trace: Trace | str | os.PathLike[str] | LoadedTrace) -> LoadedTrace:
     if not isinstance(trace, Trace):
         path = str(trace)
         trace = read_trace(trace)
-    content_hash = _ContentHash(trace)
-    return LoadedTrace(trace, build_workload(trace), content_hash, path)
+    content_hash = Background(trace.content_hash, "fatesim-trace-hash")
+    return LoadedTrace(trace, build_workload(trace, softmax_in_background=True), content_hash, path)
 
 
 def resolve_spec(trace: Trace, as_model: str | None, layers_subset: bool = False) -> ModelSpec:

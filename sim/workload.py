@@ -11,11 +11,13 @@ The look-ahead probabilities and the future-access index are computed on first u
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
+from sim.background import Background
 from sim.policies.eviction import FutureAccess
 from sim.policies.requirements import lookahead_probabilities
 
@@ -40,7 +42,8 @@ class Workload:
 
     def __init__(self, steps: tuple[Step, ...], num_layers: int, num_experts: int, top_k: int,
                  route_ptr: np.ndarray, route_ids: np.ndarray, route_counts: np.ndarray, popularity: np.ndarray,
-                 lookahead_logits: np.ndarray | None, max_context: int) -> None:
+                 lookahead_logits: np.ndarray | None, max_context: int,
+                 lookahead_probs: Background[np.ndarray] | None = None) -> None:
         self.steps = steps
         self.num_layers = num_layers
         self.num_experts = num_experts
@@ -60,24 +63,33 @@ class Workload:
         """Longest sequence (KV-cache tokens the budget must hold)."""
         self.derived: dict = {}
         """Arrays that replays derive from the trace and share (the kernel's inputs, by key)."""
+        self._probs: np.ndarray | None = None
+        self._probs_pending = lookahead_probs
+        self._probs_lock = threading.Lock()
 
     @property
     def has_lookahead(self) -> bool:
         """Whether look-ahead probabilities exist: from recorded logits, or given (`with_lookahead_probs`)."""
-        return self.lookahead_logits is not None or self.__dict__.get("lookahead_probs") is not None
+        return self.lookahead_logits is not None or self._probs is not None
 
     def with_lookahead_probs(self, probs: np.ndarray) -> Workload:
         """This workload with look-ahead probabilities [D, T, L, E] made elsewhere (the noisy oracle's) in
         place of the recorded ones; steps, routes and the future index are shared, derived arrays are not."""
         other = copy.copy(self)
-        other.__dict__["lookahead_probs"] = probs  # what the cached property would hold
+        other._probs, other._probs_pending, other._probs_lock = probs, None, threading.Lock()
         other.derived = {}
         return other
 
-    @cached_property
+    @property
     def lookahead_probs(self) -> np.ndarray | None:
-        """[D, T, L, E] float32 softmax over E of the look-ahead logits, or None."""
-        return None if self.lookahead_logits is None else lookahead_probabilities(self.lookahead_logits)
+        """[D, T, L, E] float32 softmax over E of the look-ahead logits, or None; computed once, by the first
+        caller or by the thread `build_workload(..., softmax_in_background=True)` started."""
+        with self._probs_lock:
+            if self._probs is None and self._probs_pending is not None:
+                self._probs, self._probs_pending = self._probs_pending.result(), None
+            if self._probs is None and self.lookahead_logits is not None:
+                self._probs = lookahead_probabilities(self.lookahead_logits)
+            return self._probs
 
     @cached_property
     def future(self) -> FutureAccess:
@@ -93,8 +105,14 @@ def _concatenate(parts: list[np.ndarray], dtype) -> np.ndarray:
     return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
 
 
-def build_workload(trace) -> Workload:
-    """The forward steps of `trace` (a traces.format.Trace)."""
+def build_workload(trace, softmax_in_background: bool = False) -> Workload:
+    """The forward steps of `trace` (a traces.format.Trace). With `softmax_in_background`, the look-ahead
+    probabilities are computed on a thread of their own from the start (numpy releases the GIL in the
+    softmax's operations: its ~0.1 s per 17.6 M logits overlaps with building the steps and what the caller
+    does next); the simulator's `load` asks for it, since most policies read them."""
+    logits = trace.lookahead_logits
+    pending = (Background(lambda: lookahead_probabilities(logits), "fatesim-lookahead-softmax")
+               if softmax_in_background and logits is not None else None)
     topk = np.asarray(trace.topk_ids).astype(np.int64)  # [T, L, k]
     num_tokens, num_layers, top_k = topk.shape
     num_experts = int(trace.model_config.num_experts)
@@ -146,4 +164,5 @@ def build_workload(trace) -> Workload:
     popularity = np.bincount(layer_keys, minlength=num_layers * num_experts).reshape(num_layers, num_experts)
     return Workload(steps, num_layers, num_experts, int(top_k), route_ptr, route_ids.astype(np.int64),
                     cell_counts.astype(np.int64), popularity.astype(np.int64),
-                    None if trace.lookahead_logits is None else np.asarray(trace.lookahead_logits), max_context)
+                    None if trace.lookahead_logits is None else np.asarray(trace.lookahead_logits), max_context,
+                    pending)

@@ -1,0 +1,29 @@
+"""sim.background.Background and the work the simulator hands to it: the same results as in the caller's thread."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sim.background import Background
+from sim.synthetic import synthetic_trace
+from sim.workload import build_workload
+
+
+def test_the_result_and_the_error_reach_the_caller() -> None:
+    assert Background(lambda: 6 * 7, "test").result() == 42
+
+    def fails() -> int:
+        raise ValueError("boom")
+
+    pending = Background(fails, "test")
+    with pytest.raises(ValueError, match="boom"):
+        pending.result()
+
+
+def test_the_softmax_in_background_gives_the_same_bits() -> None:
+    trace = synthetic_trace(sequences=2, prompt_tokens=12, decode_tokens=9, seed=4, lookahead_depth=2)
+    here, there = build_workload(trace), build_workload(trace, softmax_in_background=True)
+    assert there.lookahead_probs.dtype == np.float32
+    assert np.array_equal(here.lookahead_probs.view(np.uint32), there.lookahead_probs.view(np.uint32))
+    assert there.lookahead_probs is there.lookahead_probs  # computed once
