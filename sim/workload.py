@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import copy
 import threading
-from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
 
@@ -22,9 +22,8 @@ from sim.policies.eviction import FutureAccess
 from sim.policies.requirements import lookahead_probabilities
 
 
-@dataclass(frozen=True)
-class Step:
-    """One forward step."""
+class Step(NamedTuple):
+    """One forward step (a named tuple: a trace has thousands, built in one pass)."""
 
     index: int
     seq_id: int
@@ -143,9 +142,10 @@ def build_workload(trace, softmax_in_background: bool = False) -> Workload:
     step_prefill, step_seq, step_context = (_concatenate(prefill, bool), _concatenate(seqs, np.int64),
                                             _concatenate(contexts, np.int64))
     num_steps = step_start.size
-    steps = tuple(Step(i, int(q), "prefill" if p else "decode", int(t), int(n), int(c)) for i, (q, p, t, n, c) in
-                  enumerate(zip(step_seq.tolist(), step_prefill.tolist(), step_start.tolist(), step_size.tolist(),
-                                step_context.tolist(), strict=True)))
+    phases = ("decode", "prefill")
+    steps = tuple(map(Step._make, zip(range(step_start.size), step_seq.tolist(),
+                                      [phases[p] for p in step_prefill.tolist()], step_start.tolist(),
+                                      step_size.tolist(), step_context.tolist(), strict=True)))
     # each position's routes go to its step's row; a row's experts ascending, with how many tokens chose each
     step_of = np.repeat(np.arange(num_steps, dtype=np.int64), step_size)
     rows = step_of[:, None] * num_layers + np.arange(num_layers)[None, :]  # [T, L]
