@@ -80,6 +80,7 @@ enum { K_NOW, K_STALL, K_CPU_FREE, K_CPU_EXPERT_FREE, K_CLOCKS };
     X(routed_per_layer, i64, 'i', 1) X(step_start_at, f64, 'd', 1) X(step_end_at, f64, 'd', 1)            \
     X(deferred, i64, 'i', 1) X(eap_paths, b8, 'b', 1) X(eap_current, b8, 'b', 1)                          \
     X(eap_score, f64, 'd', 1) X(eap_counts, f64, 'd', 1) X(use_cursor, i64, 'i', 1)                       \
+    X(use_next, i64, 'i', 1) X(use_before, i64, 'i', 1)                                                   \
     /* Scratch */                                                                                         \
     X(mark, b8, 'b', 1) X(taken, b8, 'b', 1) X(candidates, i64, 'i', 1) X(in_use, b8, 'b', 1)             \
     X(routed, b8, 'b', 1) X(nothing, b8, 'b', 1) X(fetch_e, i64, 'i', 1) X(fetch_s, f64, 'd', 1)          \
@@ -432,15 +433,16 @@ static void policy_remove(Replay *r, const Settings *cfg, i64 layer, i64 expert)
 }
 
 /* FutureAccess.next_use: the first step >= `step` that routes the expert. The replay asks with steps that
- * never decrease for one expert, so a cursor per expert walks its uses forward once; a smaller step than
- * before searches (numpy's searchsorted, side left). */
+ * never decrease for one expert, so a cursor per expert walks its uses forward once, and use_next (the use
+ * at the cursor) answers most questions without reading use_steps. A step earlier than the use before the
+ * cursor searches (numpy's searchsorted, side left), leaving the cursor where it is: a replay never asks so
+ * (victims are asked for the step of a prefetch or the next one, and a layer's prefetches come before its
+ * loads), but next_use stays right for any order of questions. */
 static i64 next_use(Replay *r, i64 layer, i64 expert, i64 step) {
     i64 k = layer * r->E + expert;
-    i64 lo = r->use_ptr[k], hi = r->use_ptr[k + 1];
-    const i64 *uses = r->use_steps;
-    i64 i = r->use_cursor[k];
-    if (i > lo && uses[i - 1] >= step) { /* asked for an earlier step than before */
-        i64 a = lo, b = hi;
+    if (r->use_before[k] >= step) { /* asked for an earlier step than before */
+        const i64 *uses = r->use_steps;
+        i64 a = r->use_ptr[k], b = r->use_ptr[k + 1], hi = b;
         while (a < b) {
             i64 mid = a + (b - a) / 2;
             if (uses[mid] < step)
@@ -448,12 +450,16 @@ static i64 next_use(Replay *r, i64 layer, i64 expert, i64 step) {
             else
                 b = mid;
         }
-        i = a;
-    } else {
-        while (i < hi && uses[i] < step) i++;
-        r->use_cursor[k] = i;
+        return a < hi ? uses[a] : NEVER;
     }
-    return i < hi ? uses[i] : NEVER;
+    if (r->use_next[k] >= step) return r->use_next[k];
+    const i64 *uses = r->use_steps;
+    i64 lo = r->use_ptr[k], hi = r->use_ptr[k + 1], i = r->use_cursor[k];
+    while (i < hi && uses[i] < step) i++;
+    r->use_cursor[k] = i;
+    r->use_before[k] = i > lo ? uses[i - 1] : -1;
+    r->use_next[k] = i < hi ? uses[i] : NEVER;
+    return r->use_next[k];
 }
 
 /* EvictionPolicy.victim among candidates[:n] (n > 0): the candidate with the smallest key (k1, k2). */
@@ -1434,7 +1440,7 @@ static const struct {
     CONSTANT(ONLY) CONSTANT(C_FREE_TRANSFERS) CONSTANT(C_QUEUE) CONSTANT(C_HEAP) CONSTANT(C_LINK_SEQ)
     CONSTANT(C_QUEUE_SEQ) CONSTANT(C_SERIAL) CONSTANT(C_TICK) CONSTANT(C_OCCUPIED) CONSTANT(C_PEAK) CONSTANT(C_STEP)
     CONSTANT(C_DEFERRED) CONSTANT(C_ERROR) CONSTANT(C_EAP_STORED) CONSTANT(C_EAP_DECODE) CONSTANT(C_COUNTS)
-    CONSTANT(K_NOW) CONSTANT(K_STALL) CONSTANT(K_CPU_FREE) CONSTANT(K_CPU_EXPERT_FREE) CONSTANT(K_CLOCKS)
+    CONSTANT(NEVER) CONSTANT(K_NOW) CONSTANT(K_STALL) CONSTANT(K_CPU_FREE) CONSTANT(K_CPU_EXPERT_FREE) CONSTANT(K_CLOCKS)
 };
 
 /* {name: value} of the constants above, for the test that holds them equal to sim/kernel/state.py's. */

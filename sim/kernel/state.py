@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from sim.policies.eviction import NEVER
+
 # transfer states and kinds, as sim.policies.controller
 QUEUED, STARTED, DONE, CANCELLED = 0, 1, 2, 3
 DEMAND_KIND, PREFETCH_KIND, PRELOAD_KIND = 0, 1, 2
@@ -218,6 +220,11 @@ class State(NamedTuple):
     """[E] float64 prefill prediction: stored paths routing each expert of the target layer."""
     use_cursor: np.ndarray
     """[L * E] int64 (Belady) per expert, the index into use_steps of its next use from the last step asked."""
+    use_next: np.ndarray
+    """[L * E] int64 (Belady) use_steps at the cursor, or NEVER: most questions are answered from this small
+    array, without touching use_steps (a cache miss per eviction candidate on a long trace)."""
+    use_before: np.ndarray
+    """[L * E] int64 (Belady) use_steps just before the cursor, or -1 (an earlier step than that searches)."""
 
 
 (C_FREE_TRANSFERS, C_QUEUE, C_HEAP, C_LINK_SEQ, C_QUEUE_SEQ, C_SERIAL, C_TICK, C_OCCUPIED, C_PEAK, C_STEP,
@@ -257,7 +264,17 @@ def new_state(inputs: Inputs, settings: Settings, num_layers: int, num_experts: 
         step_end_at=np.zeros(steps, f64), deferred=np.zeros(pool, i64),
         eap_paths=np.zeros(eap, np.bool_), eap_current=np.zeros(eap[1:], np.bool_), eap_score=np.zeros(eap[0], f64),
         eap_counts=np.zeros(eap[2], f64), use_cursor=inputs.use_ptr[:-1].copy(),
+        use_next=_first_uses(inputs.use_ptr, inputs.use_steps), use_before=np.full(len(inputs.use_ptr) - 1, -1, i64),
     )
+
+
+def _first_uses(use_ptr: np.ndarray, use_steps: np.ndarray) -> np.ndarray:
+    """use_steps[use_ptr[k]] for every expert k that is used, NEVER for the others."""
+    first, end = use_ptr[:-1], use_ptr[1:]
+    used = first < end
+    out = np.full(first.shape, NEVER, np.int64)
+    out[used] = use_steps[first[used]]
+    return out
 
 
 class Scratch(NamedTuple):
