@@ -411,12 +411,18 @@ def _metadata(trace: Trace) -> dict[str, str]:
 def write_trace(trace: Trace, path: str | os.PathLike[str]) -> None:
     """Validate `trace` and write it atomically to `path` as a safetensors file."""
     validate_trace(trace)
-    arrays = {name: np.ascontiguousarray(a) for name, a in trace.tensors().items()}
-    header: dict[str, Any] = {"__metadata__": _metadata(trace)}
+    arrays = trace.tensors()
+    write_safetensors(path, {name: arrays[name] for name in _LAYOUT_ORDER if name in arrays}, _metadata(trace))
+
+
+def write_safetensors(path: str | os.PathLike[str], arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """Write `arrays` (in this order) and string `metadata` atomically to `path` as a safetensors file whose
+    bytes depend only on them, the metadata in the given order (the safetensors library writes it in hash map
+    order, which differs from run to run)."""
+    arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
-    order = [name for name in _LAYOUT_ORDER if name in arrays]
-    for name in order:
-        array = arrays[name]
+    for name, array in arrays.items():
         header[name] = {"dtype": _DTYPE_CODES[array.dtype], "shape": list(array.shape),
                         "data_offsets": [offset, offset + array.nbytes]}
         offset += array.nbytes
@@ -425,8 +431,8 @@ def write_trace(trace: Trace, path: str | os.PathLike[str]) -> None:
     with atomic_output(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
-        for name in order:
-            f.write(arrays[name].reshape(-1).view(np.uint8).data)
+        for array in arrays.values():
+            f.write(array.reshape(-1).view(np.uint8).data)
 
 
 # --------------------------------------------------------------------------------------------------------

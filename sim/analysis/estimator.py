@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from traces.atomic import atomic_output
 from traces.errors import UserError
 
 FORMAT_NAME = "fatesim-estimator"
@@ -113,43 +110,9 @@ def train_estimator_arrays(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # deterministic sums, and polite on a shared machine
     try:
-        with _malloc_keeps_freed_memory():
-            return _fit(torch, gate_inputs, topk_ids, num_experts, depth, steps, lr, weight_decay, progress)
+        return _fit(torch, gate_inputs, topk_ids, num_experts, depth, steps, lr, weight_decay, progress)
     finally:
         torch.set_num_threads(threads)
-
-
-@contextmanager
-def _malloc_keeps_freed_memory():
-    """While training, let glibc's malloc keep freed memory instead of handing it back to the kernel.
-
-    Each training step allocates and frees a dozen [T, L, D, E] float32 tensors (70 MB each on the demo
-    trace); above glibc's mmap threshold every one is a fresh mmap whose pages the kernel zero-fills on first
-    touch and unmaps on free: 120 s of system time in the 300 steps on the demo trace (as much as the
-    arithmetic). From the heap, with trimming off, the pages are reused. Same arithmetic, same results.
-    Afterwards glibc's default thresholds (128 KiB) are set back and the heap trimmed. No-op off glibc."""
-    import ctypes
-    import ctypes.util
-
-    libc = None
-    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
-    if name:
-        try:
-            libc = ctypes.CDLL(name)
-            libc.mallopt, libc.malloc_trim  # noqa: B018 (glibc has both)
-        except (OSError, AttributeError):
-            libc = None
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
-    if libc is not None:
-        libc.mallopt(m_mmap_threshold, 1 << 30)  # tensors below 1 GiB come from the heap
-        libc.mallopt(m_trim_threshold, 1 << 30)
-    try:
-        yield
-    finally:
-        if libc is not None:
-            libc.mallopt(m_mmap_threshold, 128 * 1024)
-            libc.mallopt(m_trim_threshold, 128 * 1024)
-            libc.malloc_trim(0)
 
 
 def _fit(torch, gate_inputs: np.ndarray, topk_ids: np.ndarray, num_experts: int, depth: int, steps: int,
@@ -178,22 +141,52 @@ def _fit(torch, gate_inputs: np.ndarray, topk_ids: np.ndarray, num_experts: int,
     for d in range(depth):
         if d + 1 < num_layers:
             bias_init[: num_layers - d - 1, d] = np.log(base[d + 1 :] / (1 - base[d + 1 :]))
-    w = torch.zeros((num_layers, depth, hidden, num_experts), requires_grad=True)
-    b = torch.tensor(bias_init, requires_grad=True)
-    optimiser = torch.optim.Adam([w, b], lr=lr, weight_decay=0.0)
-    loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
     denominator = float(mask.sum() * num_tokens * num_experts) or 1.0
+    x_l = x.permute(1, 0, 2).contiguous()  # [L, T, H]
+    y_l = y.permute(1, 0, 2, 3).reshape(num_layers, num_tokens, depth * num_experts).contiguous()  # [L, T, D*E]
+    scale = (m.permute(1, 0, 2, 3) / denominator).expand(num_layers, 1, depth, num_experts)
+    scale = scale.reshape(num_layers, 1, depth * num_experts).contiguous()  # [L, 1, D*E]: mask / N
+    w_l = torch.zeros((num_layers, hidden, depth * num_experts))  # W as [L, H, D*E]
+    b_l = torch.tensor(bias_init).reshape(num_layers, 1, depth * num_experts)  # [L, 1, D*E]
+    w_l.grad, b_l.grad = torch.zeros_like(w_l), torch.zeros_like(b_l)
+    optimiser = torch.optim.Adam([w_l, b_l], lr=lr, weight_decay=0.0)
+    z = torch.empty((num_layers, num_tokens, depth * num_experts))
     loss_value = float("nan")
-    for _ in range(steps):
-        optimiser.zero_grad()
-        logits = torch.einsum("tlh,ldhe->tlde", x, w) + b  # [T, L, D, E]
-        loss = (loss_fn(logits, y) * m).sum() / denominator + weight_decay * (w * w).sum()
-        loss.backward()
-        optimiser.step()
-        loss_value = float(loss.detach())
-        if progress is not None:
-            progress(1)
-    return w.detach().numpy().copy(), b.detach().numpy().copy(), loss_value
+    with torch.no_grad():
+        for step in range(steps):
+            if step == steps - 1:  # the loss reported: the last step's, before its update
+                loss_value = _loss(torch, x_l, y_l, scale, w_l, b_l, weight_decay, z)
+            _gradient(torch, x_l, y_l, scale, w_l, b_l, weight_decay, z)
+            optimiser.step()
+            if progress is not None:
+                progress(1)
+    w_out = w_l.reshape(num_layers, hidden, depth, num_experts).permute(0, 2, 1, 3)  # [L, D, H, E]
+    return w_out.numpy().copy(), b_l.reshape(num_layers, depth, num_experts).numpy().copy(), loss_value
+
+
+# The training loss and its gradient, with each layer's heads side by side ([L, T, D*E]: per layer one matrix
+# product, no layout copies): x_l [L, T, H] normalised gate inputs, y_l [L, T, D*E] targets, scale [L, 1, D*E]
+# the head mask / N (N = valid heads x tokens x experts), w_l [L, H, D*E], b_l [L, 1, D*E], z [L, T, D*E]
+# scratch. loss = sum(scale * BCE-with-logits(x_l @ w_l + b_l, y_l)) + weight_decay * |W|^2.
+
+
+def _loss(torch, x_l, y_l, scale, w_l, b_l, weight_decay: float, z) -> float:
+    """The loss (z is left holding the logits)."""
+    torch.baddbmm(b_l, x_l, w_l, out=z)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(z, y_l, reduction="none")
+    return float((bce * scale).sum() + weight_decay * (w_l * w_l).sum())
+
+
+def _gradient(torch, x_l, y_l, scale, w_l, b_l, weight_decay: float, z) -> None:
+    """The loss's gradient into w_l.grad and b_l.grad, in closed form and in place: d(BCE-with-logits)/dz is
+    sigmoid(z) - y, so dloss/dz = scale * (sigmoid(z) - y) (z is left holding it), dloss/dW = x^T dloss/dz +
+    2 * weight_decay * W, dloss/db = the sum of dloss/dz over tokens. No autograd graph, and no BCE forward
+    (more than half of an autograd step): the loop computes the loss only at the step it reports."""
+    torch.baddbmm(b_l, x_l, w_l, out=z)
+    z.sigmoid_().sub_(y_l).mul_(scale)
+    torch.bmm(x_l.transpose(1, 2), z, out=w_l.grad)
+    w_l.grad.add_(w_l, alpha=2 * weight_decay)
+    torch.sum(z, dim=1, keepdim=True, out=b_l.grad)
 
 
 def train_estimator(trace, depth: int = 2, steps: int = 300, token_mask: np.ndarray | None = None,
@@ -223,13 +216,12 @@ def train_estimator(trace, depth: int = 2, steps: int = 300, token_mask: np.ndar
 
 def save_estimator(estimator: LearnedEstimator, path: str | os.PathLike[str]) -> None:
     """Write the estimator as safetensors with string metadata, atomically."""
-    from safetensors.numpy import save_file
+    from traces.format import write_safetensors
 
     meta = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION)}
     meta.update({key: json.dumps(value) for key, value in estimator.metadata.items()})
-    with atomic_output(path) as tmp:
-        save_file({"W": np.ascontiguousarray(estimator.weights, dtype=np.float32),
-                   "b": np.ascontiguousarray(estimator.bias, dtype=np.float32)}, str(tmp), metadata=meta)
+    write_safetensors(path, {"W": np.asarray(estimator.weights, np.float32), "b": np.asarray(estimator.bias, np.float32)},
+                      meta)
 
 
 def load_estimator(path: str | os.PathLike[str]) -> LearnedEstimator:

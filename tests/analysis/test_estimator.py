@@ -60,3 +60,48 @@ def test_errors(tmp_path) -> None:
     save_file({"x": np.zeros(2, np.float32)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(UserError, match="not a fatesim estimator"):
         load_estimator(tmp_path / "other.safetensors")
+
+
+def test_the_closed_form_gradient_is_autograd_s() -> None:
+    """sim.analysis.estimator._gradient (closed form, heads side by side) equals torch's autograd of the loss
+    the training states, written here in the [T, L, D, E] layout: mean BCE-with-logits over the heads whose
+    layer exists + weight decay * |W|^2, at random weights and biases."""
+    import torch
+
+    from sim.analysis.estimator import _gradient, _loss
+
+    rng = np.random.default_rng(3)
+    tokens, layers, depth, hidden, experts, decay = 7, 4, 2, 5, 6, 1e-2
+    x = torch.tensor(rng.standard_normal((tokens, layers, hidden)), dtype=torch.float32)
+    y = torch.tensor(rng.random((tokens, layers, depth, experts)) < 0.3, dtype=torch.float32)
+    mask = torch.ones((layers, depth))
+    mask[layers - 1, :], mask[layers - 2, 1] = 0.0, 0.0  # layer l + d + 1 does not exist
+    w = torch.tensor(rng.standard_normal((layers, depth, hidden, experts)), dtype=torch.float32, requires_grad=True)
+    b = torch.tensor(rng.standard_normal((layers, depth, experts)), dtype=torch.float32, requires_grad=True)
+    logits = torch.einsum("tlh,ldhe->tlde", x, w) + b
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    n = float(mask.sum()) * tokens * experts
+    loss = (bce * mask[None, :, :, None]).sum() / n + decay * (w * w).sum()
+    loss.backward()
+
+    side_by_side = (layers, -1, depth * experts)
+    x_l = x.permute(1, 0, 2).contiguous()
+    y_l = y.permute(1, 0, 2, 3).reshape(side_by_side).contiguous()
+    scale = (mask / n)[:, None, :, None].expand(layers, 1, depth, experts).reshape(side_by_side).contiguous()
+    w_l = w.detach().permute(0, 2, 1, 3).reshape(layers, hidden, depth * experts).contiguous()
+    b_l = b.detach().reshape(layers, 1, depth * experts).clone()
+    w_l.grad, b_l.grad = torch.zeros_like(w_l), torch.zeros_like(b_l)
+    z = torch.empty((layers, tokens, depth * experts))
+    assert _loss(torch, x_l, y_l, scale, w_l, b_l, decay, z) == pytest.approx(float(loss), rel=1e-6)
+    _gradient(torch, x_l, y_l, scale, w_l, b_l, decay, z)
+    grad_w = w_l.grad.reshape(layers, hidden, depth, experts).permute(0, 2, 1, 3)
+    np.testing.assert_allclose(grad_w.numpy(), w.grad.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(b_l.grad.reshape(layers, depth, experts).numpy(), b.grad.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_the_same_training_writes_the_same_file(tmp_path) -> None:
+    trace = make_structured_trace(num_sequences=2)
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for path in paths:
+        save_estimator(train_estimator(trace, depth=2, steps=3), path)
+    assert paths[0].read_bytes() == paths[1].read_bytes()
