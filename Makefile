@@ -49,7 +49,7 @@ demo: $(TRACES)/mini-qwen-moe.safetensors
 		--policies $(DEMO_POLICIES)
 
 bench: $(STAMP)
-	$(BIN)/python -m sim.bench --repeat 5
+	$(BIN)/python -m sim.bench --repeat 5 --phases
 
 # realrun against accelerate's offloading on a generated model with Qwen1.5-MoE expert shapes (needs ~9 GB free).
 bench-real: $(STAMP)

@@ -198,8 +198,8 @@ def phases(case: Case, env: dict[str, str], repeat: int) -> dict[str, float]:
         kwargs["as_model"] = args[args.index("--as-model") + 1]
     out = {"imports (python, numpy, click, sim)": process("import sim.cli, sim.replay_cli") - process("pass")}
     trace = read_trace(path)
-    out["reading the trace"] = best(lambda: read_trace(path)) - best(lambda: validate_trace(trace))
-    out["checking the trace"] = best(lambda: validate_trace(trace))
+    out["reading and checking the trace"] = best(lambda: read_trace(path))
+    out["  of which checking"] = best(lambda: validate_trace(trace))
     out["content hash (on its own thread)"] = best(trace.content_hash)
     out["the workload"] = best(lambda: build_workload(trace))
     if trace.lookahead_logits is not None:
