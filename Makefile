@@ -102,6 +102,8 @@ gpu-wheels: $(STAMP)
 gpu-check:
 	if ls .whl/*.whl >/dev/null 2>&1; then $(GPU_PY) -m pip install -q --no-index --no-deps --no-compile \
 		--no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl; fi
+	# the simulator's C kernel for this Python (without it the simulator replays in its reference engine)
+	PYTHONPATH=$(GPU_SITE) $(GPU_PY) setup.py -q build_ext --inplace || echo "gpu-check: the C kernel did not build"
 	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(GPU_PY) -m calibration.gpu_check --out $(GPU_OUT) $(GPU_ARGS)
 
 # The Fate paper's grid, Speculating Experts and LRC beside the papers' tables (traces recorded once, cached).
