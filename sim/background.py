@@ -11,11 +11,13 @@ T = TypeVar("T")
 
 
 class Background(Generic[T]):
-    """`compute()` started at once on a daemon thread; `result()` waits for it (and raises its error)."""
+    """`compute()` started at once on a daemon thread; `result()` waits for it (and raises its error). In a
+    process forked while it ran (a worker pool), the thread is gone: `result()` computes it there and then."""
 
     def __init__(self, compute: Callable[[], T], name: str) -> None:
         self._value: T | None = None
         self._error: BaseException | None = None
+        self._done = False
         self._compute = compute
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -25,9 +27,12 @@ class Background(Generic[T]):
             self._value = self._compute()
         except BaseException as error:  # handed to the thread that asks for the result
             self._error = error
+        self._done = True
 
     def result(self) -> T:
         self._thread.join()
+        if not self._done:  # forked away from its thread
+            self._run()
         if self._error is not None:
             raise self._error
         return self._value  # type: ignore[return-value]

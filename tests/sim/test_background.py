@@ -21,6 +21,27 @@ def test_the_result_and_the_error_reach_the_caller() -> None:
         pending.result()
 
 
+def test_a_process_forked_while_it_ran_computes_it_itself() -> None:
+    import os
+    import threading
+
+    release, parent = threading.Event(), os.getpid()
+
+    def slow() -> int:
+        if os.getpid() == parent:  # the parent's thread holds on until the child is done
+            release.wait(10)
+        return 7
+
+    pending = Background(slow, "test")
+    pid = os.fork()
+    if pid == 0:  # the child: the thread did not come along
+        os._exit(0 if pending.result() == 7 else 1)
+    release.set()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert pending.result() == 7
+
+
 def test_the_softmax_in_background_gives_the_same_bits() -> None:
     trace = synthetic_trace(sequences=2, prompt_tokens=12, decode_tokens=9, seed=4, lookahead_depth=2)
     here, there = build_workload(trace), build_workload(trace, softmax_in_background=True)
