@@ -26,13 +26,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from traces.errors import UserError
+from traces.format import SafetensorsHeaderError, parse_safetensors_header
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -40,8 +40,6 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 """safetensors dtype names -> torch dtypes this reader supports (FP8 checkpoints are not among them)."""
-MAX_HEADER_BYTES = 100 * 2**20
-"""safetensors' own limit on the JSON header."""
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -63,24 +61,12 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorEntry], bytes]:
     """The tensors of one safetensors file and its raw header bytes; UserError if the file is missing,
     not a safetensors file, or shorter than its header says (truncated)."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise UserError(f"{path} is not a safetensors file (only {size} bytes); re-download it")
-            (header_bytes,) = struct.unpack("<Q", head)
-            if header_bytes > MAX_HEADER_BYTES or 8 + header_bytes > size:
-                raise UserError(f"{path} is truncated or not a safetensors file (header of {header_bytes} bytes, "
-                                f"file of {size}); re-download it")
-            raw = f.read(header_bytes)
+        header, raw, data_start, size = parse_safetensors_header(path)
     except FileNotFoundError:
         raise UserError(f"checkpoint file {path} is missing; re-download the model") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise UserError(f"{path} has a corrupt safetensors header; re-download it") from None
+    except SafetensorsHeaderError as error:
+        raise UserError(f"{path} is not a readable safetensors file ({error}); re-download it") from None
     header.pop("__metadata__", None)
-    data_start = 8 + header_bytes
     tensors = {}
     for name, info in header.items():
         dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))

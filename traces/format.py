@@ -439,27 +439,43 @@ def write_safetensors(path: str | os.PathLike[str], arrays: dict[str, np.ndarray
 # reading
 
 
-def _read_header(path: Path) -> tuple[dict[str, Any], int, int]:
-    """Parse the safetensors header; returns (header, data start offset, file size in bytes)."""
+class SafetensorsHeaderError(ValueError):
+    """A file whose safetensors header cannot be read; the message says why (callers add the file and what
+    to do)."""
+
+
+def parse_safetensors_header(path: Path) -> tuple[dict[str, Any], bytes, int, int]:
+    """(header JSON object, its raw bytes, data start offset, file size in bytes) of a safetensors file; the
+    one header reader of traces and checkpoints. SafetensorsHeaderError when it is not one (OSError as open
+    raises it)."""
     size = path.stat().st_size
-    if size == 0:
-        raise TraceError(f"{path}: file is empty, not a fatesim trace")
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise TraceError(f"{path}: not a safetensors file (only {size} bytes)")
+            raise SafetensorsHeaderError(f"only {size} bytes")
         (n,) = struct.unpack("<Q", head)
         if n > _MAX_HEADER_BYTES or 8 + n > size:
-            raise TraceError(f"{path}: not a safetensors file (header length {n} does not fit the "
-                             f"{size}-byte file): truncated, or another kind of file")
+            raise SafetensorsHeaderError(f"header length {n} does not fit the {size}-byte file: truncated, or "
+                                         "another kind of file")
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise TraceError(f"{path}: not a safetensors file (header is not JSON)") from None
+        raise SafetensorsHeaderError("header is not JSON") from None
     if not isinstance(header, dict):
-        raise TraceError(f"{path}: not a safetensors file (header is not a JSON object)")
-    return header, 8 + n, size
+        raise SafetensorsHeaderError("header is not a JSON object")
+    return header, raw, 8 + n, size
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int, int]:
+    """Parse a trace's safetensors header; returns (header, data start offset, file size in bytes)."""
+    if path.stat().st_size == 0:
+        raise TraceError(f"{path}: file is empty, not a fatesim trace")
+    try:
+        header, _, data_start, size = parse_safetensors_header(path)
+    except SafetensorsHeaderError as error:
+        raise TraceError(f"{path}: not a safetensors file ({error})") from None
+    return header, data_start, size
 
 
 def _check_identity(path: Path, meta: Any) -> dict[str, str]:

@@ -63,6 +63,18 @@ def test_truncated_shard(broken: Path) -> None:
         Checkpoint(broken)
 
 
+@pytest.mark.parametrize("content, reason", [
+    (b"\x89PNG", "only 4 bytes"),
+    ((1 << 40).to_bytes(8, "little") + b"{}", "header length 1099511627776 does not fit"),
+    ((4).to_bytes(8, "little") + b"nope", "header is not JSON"),
+])
+def test_a_shard_that_is_not_a_safetensors_file(broken: Path, content: bytes, reason: str) -> None:
+    shard = _shard_with(broken, "experts.3.gate_proj")
+    shard.write_bytes(content)
+    with pytest.raises(UserError, match=f"{shard.name} is not a readable safetensors file \\({reason}.*re-download it"):
+        Checkpoint(broken)
+
+
 def test_index_names_a_file_that_does_not_hold_the_tensor(broken: Path) -> None:
     path = broken / "model.safetensors.index.json"
     index = json.loads(path.read_text())
