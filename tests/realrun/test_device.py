@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -213,6 +214,26 @@ def _held(engine: OffloadEngine) -> threading.Event:
     return gate
 
 
+@contextmanager
+def _engine_with_held_copies(references, busy: bool = False):
+    """(fake device, lru engine in a prefill step, gate): the I/O thread stops inside its next copy until the
+    gate is set; with `busy`, that copy is a demand load of another layer, already started, so the transfers a
+    test submits next wait in the queue. The gate is opened and the engine closed afterwards."""
+    dev = FakeDevice(lazy=True)
+    engine = open_engine(references, "qwen2_moe", "lru", {}, dev)
+    gate = _held(engine)
+    try:
+        engine.start_forward(0, "prefill", 1)
+        if busy:
+            blocker = Transfer(1, 0, "bf16", 0, "demand", 0, 0)
+            engine._submit(blocker)
+            _wait_started(engine, blocker)
+        yield dev, engine, gate
+    finally:
+        gate.set()
+        engine.close()
+
+
 def _slot_holds(engine: OffloadEngine, layer: int, slot: int, expert: int) -> bool:
     record, layout = engine._slot_record(layer, slot, expert, "bf16")
     return torch.equal(record[: layout.nbytes], engine.store.host_record(layer, expert, "bf16"))
@@ -222,14 +243,7 @@ def test_a_load_into_the_slot_of_a_queued_prefetch_lands_after_it(references) ->
     """The controller evicts a queued prefetch and gives its slot to an on-demand load (the simulator then
     moves both, in queue order): the load starts only after the prefetch ran, although demand copies go
     first, so the slot ends up holding the load's expert."""
-    dev = FakeDevice(lazy=True)
-    engine = open_engine(references, "qwen2_moe", "lru", {}, dev)
-    gate = _held(engine)
-    try:
-        engine.start_forward(0, "prefill", 1)
-        blocker = Transfer(1, 0, "bf16", 0, "demand", 0, 0)
-        engine._submit(blocker)
-        _wait_started(engine, blocker)
+    with _engine_with_held_copies(references, busy=True) as (dev, engine, gate):
         prefetch = Transfer(0, 3, "bf16", 0, "prefetch", 0, 0)
         load = Transfer(0, 5, "bf16", 0, "demand", 0, 0)
         load.after_transfer = prefetch
@@ -242,20 +256,13 @@ def test_a_load_into_the_slot_of_a_queued_prefetch_lands_after_it(references) ->
         assert _slot_holds(engine, 0, 0, 5)
         assert engine._copies[prefetch].issued_at <= engine._copies[load].started_at
         assert dev.violations() == []
-    finally:
-        gate.set()
-        engine.close()
 
 
 def test_a_cancel_that_comes_after_the_copy_started_still_orders_the_slot(references) -> None:
     """The race: the I/O thread started a prefetch before the controller's cancel arrived. The engine stops
     reporting it (the controller dropped it), counts the race, and the next copy into that slot lands after
     it, so the slot holds the new expert."""
-    dev = FakeDevice(lazy=True)
-    engine = open_engine(references, "qwen2_moe", "lru", {}, dev)
-    gate = _held(engine)
-    try:
-        engine.start_forward(0, "prefill", 1)
+    with _engine_with_held_copies(references) as (dev, engine, gate):
         stale = Transfer(0, 3, "bf16", 0, "prefetch", 0, 0)
         engine._submit(stale)
         _wait_started(engine, stale)
@@ -270,9 +277,6 @@ def test_a_cancel_that_comes_after_the_copy_started_still_orders_the_slot(refere
         engine.loader.close()  # every copy issued has landed: nothing later overwrites the slot
         assert _slot_holds(engine, 0, 0, 5)
         assert dev.violations() == []
-    finally:
-        gate.set()
-        engine.close()
 
 
 def test_a_promoted_prefetch_overtakes_prefetches_queued_before_it(references) -> None:
@@ -281,14 +285,7 @@ def test_a_promoted_prefetch_overtakes_prefetches_queued_before_it(references) -
     (Without the engine's hand-over, the queue keeps submission order and the earlier prefetch goes first.)"""
     from sim.policies.controller import LayerPlan
 
-    dev = FakeDevice(lazy=True)
-    engine = open_engine(references, "qwen2_moe", "lru", {}, dev)
-    gate = _held(engine)
-    try:
-        engine.start_forward(0, "prefill", 1)
-        blocker = Transfer(1, 0, "bf16", 0, "demand", 0, 0)
-        engine._submit(blocker)
-        _wait_started(engine, blocker)
+    with _engine_with_held_copies(references, busy=True) as (_, engine, gate):
         early = Transfer(0, 3, "bf16", 0, "prefetch", 0, 0)
         needed = Transfer(0, 4, "bf16", 0, "prefetch", 1, 0)
         engine._submit(early)
@@ -298,9 +295,6 @@ def test_a_promoted_prefetch_overtakes_prefetches_queued_before_it(references) -
         engine._await(early)
         engine._await(needed)
         assert engine._copies[needed].started_at < engine._copies[early].started_at
-    finally:
-        gate.set()
-        engine.close()
 
 
 def _wait_started(engine: OffloadEngine, t: Transfer) -> None:
