@@ -1,4 +1,5 @@
-"""sim.background.Background and the work the simulator hands to it: the same results as in the caller's thread."""
+"""sim.background.Background and the work the simulator hands to it (the hash, the chunked look-ahead softmax):
+the same results as computed in the caller's thread, all at once."""
 
 from __future__ import annotations
 
@@ -48,3 +49,22 @@ def test_the_softmax_in_background_gives_the_same_bits() -> None:
     assert there.lookahead_probs.dtype == np.float32
     assert np.array_equal(here.lookahead_probs.view(np.uint32), there.lookahead_probs.view(np.uint32))
     assert there.lookahead_probs is there.lookahead_probs  # computed once
+
+
+def test_the_chunked_softmax_is_the_whole_array_softmax_bit_for_bit() -> None:
+    """sim.policies.requirements.lookahead_probabilities runs a few rows at a time; each row's operations are
+    those of the softmax over the whole array at once, so the bits are too (rows that underflow and tie
+    included)."""
+    from sim.policies.requirements import lookahead_probabilities
+
+    rng = np.random.default_rng(5)
+    logits = rng.choice(np.array([-60000, -40, -1, 0, 0.5, 3, 40, 60000], np.float16), size=(2, 37, 3, 7))
+    logits[0, :5] = rng.standard_normal((5, 3, 7)).astype(np.float16) * 8
+    whole = logits.astype(np.float32)
+    whole -= whole.max(axis=-1, keepdims=True)
+    np.exp(whole, out=whole)
+    whole /= whole.sum(axis=-1, keepdims=True)
+    for chunk_rows in (1, 5, 64, 1 << 20):
+        got = lookahead_probabilities(logits, chunk_rows=chunk_rows)
+        assert got.dtype == np.float32 and got.shape == logits.shape
+        assert np.array_equal(got.view(np.uint32), whole.view(np.uint32)), chunk_rows
